@@ -1,0 +1,15 @@
+"""BOFT (to be implemented)."""
+
+from __future__ import annotations
+
+from .base import Algorithm
+
+
+class BOFT(Algorithm):
+    name = "boft"
+
+    def init_tensors(self, layer, opts, base_weight=None):  # type: ignore[no-untyped-def]
+        raise NotImplementedError("BOFT")
+
+    def delta_weight(self, t, layer, base_weight=None):  # type: ignore[no-untyped-def]
+        raise NotImplementedError("BOFT")

@@ -1,0 +1,15 @@
+"""DyLoRA (to be implemented)."""
+
+from __future__ import annotations
+
+from .base import Algorithm
+
+
+class DyLoRA(Algorithm):
+    name = "dylora"
+
+    def init_tensors(self, layer, opts, base_weight=None):  # type: ignore[no-untyped-def]
+        raise NotImplementedError("DyLoRA")
+
+    def delta_weight(self, t, layer, base_weight=None):  # type: ignore[no-untyped-def]
+        raise NotImplementedError("DyLoRA")

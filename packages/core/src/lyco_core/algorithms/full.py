@@ -1,0 +1,15 @@
+"""Full (to be implemented)."""
+
+from __future__ import annotations
+
+from .base import Algorithm
+
+
+class Full(Algorithm):
+    name = "full"
+
+    def init_tensors(self, layer, opts, base_weight=None):  # type: ignore[no-untyped-def]
+        raise NotImplementedError("Full")
+
+    def delta_weight(self, t, layer, base_weight=None):  # type: ignore[no-untyped-def]
+        raise NotImplementedError("Full")

@@ -1,0 +1,126 @@
+"""LoRA / LoCon: ΔW = (α/r)·up·down, with an optional Tucker core for k×k convs and rs-LoRA.
+
+Tensors (kohya/LyCORIS names):
+
+* Linear: ``lora_down.weight (r, I)``, ``lora_up.weight (O, r)``, ``alpha ()``.
+* Conv: ``lora_down.weight (r, I, *k)``, ``lora_up.weight (O, r, 1…)`` (DyLoRA writes it 2-D).
+* Conv + Tucker: ``lora_down.weight (r, I, 1…)``, ``lora_mid.weight (r, r, *k)``, ``lora_up.weight (O, r, 1…)``.
+* Optional ``dora_scale`` (see :mod:`.dora`).
+
+rs-LoRA stores ``α·√r`` so that every consumer's ``α_file/r`` equals ``α/√r``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..layers import LayerInfo
+from . import init
+from .base import AdapterOptions, Algorithm, HiddenHook, Tensors, alpha_tensor, flat2d
+
+DOWN, UP, MID = "lora_down.weight", "lora_up.weight", "lora_mid.weight"
+
+
+def lora_delta(
+    down: torch.Tensor, up: torch.Tensor, mid: torch.Tensor | None, scale: float, weight_shape: tuple[int, ...]
+) -> torch.Tensor:
+    """ΔW = scale·up·(mid)·down, reshaped to ``weight_shape`` ``(O, I, *k)``."""
+    up2 = flat2d(up)
+    if mid is None:
+        return (scale * (up2 @ flat2d(down))).reshape(weight_shape)
+    # ΔW[o,c,*k] = Σ_{i,j} up[o,i]·mid[i,j,*k]·down[j,c]
+    r_out, r_in = mid.shape[:2]
+    m = mid.reshape(r_out, r_in, -1)
+    w = torch.einsum("oi,ijk,jc->ock", up2, m, flat2d(down))
+    return (scale * w).reshape(weight_shape)
+
+
+def lora_bypass(
+    x: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    mid: torch.Tensor | None,
+    scale: float,
+    layer: LayerInfo,
+    hidden_hook: HiddenHook | None = None,
+) -> torch.Tensor:
+    """scale·up(mid(down(x))) computed through the factors, never building ΔW.
+
+    ``x``: the layer input ``(N, I, *spatial)`` or ``(…, I)``; returns the adapter's output, same layout
+    as the base layer's output.
+    """
+    if layer.kind == "linear":
+        h = torch.nn.functional.linear(x, down)
+    elif mid is None:
+        h = layer.forward_with(x, down, groups=1)
+    else:
+        h = layer.forward_with(x, down, pointwise=True)
+        h = layer.forward_with(h, mid, groups=1)
+    if hidden_hook is not None:
+        h = hidden_hook(h)
+    if layer.kind == "linear":
+        return torch.nn.functional.linear(h, flat2d(up) * scale)
+    w_up = up.reshape(up.shape[0], up.shape[1], *([1] * layer.ndim_spatial))
+    return layer.forward_with(h, w_up * scale, pointwise=True)
+
+
+class LoRA(Algorithm):
+    name = "lora"
+    aliases = ("locon", "lora-conv", "c3lier")
+    description = "low-rank ΔW = up·down (LoCon on convs, Tucker core optional)"
+    detector_keys = (UP,)
+    tensor_names = (DOWN, UP, MID, "alpha", "dora_scale")
+    scalar_target = UP
+    supports_dora = True
+    default_bypass = True
+
+    def init_tensors(
+        self, layer: LayerInfo, opts: AdapterOptions, base_weight: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        r, o, i = opts.dim, layer.out_features, layer.in_features
+        ones = (1,) * layer.ndim_spatial
+        t: dict[str, torch.Tensor] = {}
+        if opts.use_tucker and layer.kind == "conv" and not layer.is_pointwise:
+            t[DOWN] = init.kaiming(r, i, *ones)
+            t[MID] = init.kaiming(r, r, *layer.kernel_size)
+        else:
+            t[DOWN] = init.kaiming(r, i, *layer.kernel_size)
+        t[UP] = init.kaiming(o, r, *ones) if opts.use_scalar else init.zeros(o, r, *ones)
+        alpha = opts.effective_alpha()
+        t["alpha"] = alpha_tensor(alpha * r / math.sqrt(r) if opts.rs_lora else alpha)
+        return t
+
+    def rank(self, t: Tensors) -> int:
+        return int(t[DOWN].shape[0])
+
+    def delta_weight(
+        self, t: Tensors, layer: LayerInfo, base_weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return lora_delta(t[DOWN], t[UP], t.get(MID), self.scale(t), layer.weight_shape)
+
+    def bypass(
+        self,
+        x: torch.Tensor,
+        base_out: torch.Tensor,
+        t: Tensors,
+        layer: LayerInfo,
+        multiplier: float = 1.0,
+        *,
+        base_weight: torch.Tensor | None = None,
+        base_bias: torch.Tensor | None = None,
+        hidden_hook: HiddenHook | None = None,
+    ) -> torch.Tensor:
+        if layer.groups != 1:  # a grouped conv has no factorised path; build ΔW
+            return super().bypass(x, base_out, t, layer, multiplier, base_weight=base_weight, base_bias=base_bias)
+        dtype = x.dtype
+        down, up, mid = t[DOWN].to(dtype), t[UP].to(dtype), t.get(MID)
+        mid = None if mid is None else mid.to(dtype)
+        return base_out + lora_bypass(x, down, up, mid, multiplier * self.scale(t), layer, hidden_hook)
+
+    def describe(self, t: Tensors) -> dict[str, object]:
+        out = super().describe(t)
+        if MID in t:
+            out["tucker"] = True
+        return out
