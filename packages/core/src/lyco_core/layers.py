@@ -17,7 +17,6 @@ from torch import nn
 from .errors import UnsupportedLayerError
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_TRANSPOSE_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 @dataclass(frozen=True)
@@ -88,6 +87,21 @@ class LayerInfo:
             groups,
             bias,
         )
+
+    @classmethod
+    def from_weight(cls, weight_shape: tuple[int, ...] | torch.Size, has_bias: bool = False) -> LayerInfo:
+        """Describe a layer from its weight shape alone: 2-D is linear, 3-5-D a conv, 1-D a norm.
+
+        Enough for merging and ΔW (stride and padding do not change the weight math).
+        """
+        shape = tuple(weight_shape)
+        if len(shape) == 1:
+            return cls("norm", shape[0], shape[0], has_bias=has_bias)
+        if len(shape) == 2:
+            return cls.linear(shape[0], shape[1], has_bias)
+        if 3 <= len(shape) <= 5:
+            return cls.conv(shape[0], shape[1], shape[2:], bias=has_bias)
+        raise UnsupportedLayerError(f"a weight of shape {shape} is neither linear, conv nor norm")
 
     @classmethod
     def from_module(cls, module: nn.Module) -> LayerInfo:

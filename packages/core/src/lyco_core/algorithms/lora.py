@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from ..errors import CorruptFileError, IncompatibleBaseError
 from ..layers import LayerInfo
 from . import init
 from .base import AdapterOptions, Algorithm, HiddenHook, Tensors, alpha_tensor, flat2d
@@ -118,6 +119,26 @@ class LoRA(Algorithm):
         down, up, mid = t[DOWN].to(dtype), t[UP].to(dtype), t.get(MID)
         mid = None if mid is None else mid.to(dtype)
         return base_out + lora_bypass(x, down, up, mid, multiplier * self.scale(t), layer, hidden_hook)
+
+    def validate(self, t: Tensors, layer: LayerInfo, key: str) -> None:
+        for name in (DOWN, UP):
+            if name not in t:
+                raise CorruptFileError(f"{key}: {name} is missing")
+        down, up, mid = t[DOWN], t[UP], t.get(MID)
+        r = down.shape[0]
+        r_up = up.shape[1] if up.ndim >= 2 else -1
+        r_mid = (mid.shape[0], mid.shape[1]) if mid is not None else (r_up, r)
+        if r_up != r_mid[0] or r_mid[1] != r:
+            raise CorruptFileError(
+                f"{key}: rank mismatch between lora_down {tuple(down.shape)}, lora_up {tuple(up.shape)}"
+                + (f" and lora_mid {tuple(mid.shape)}" if mid is not None else "")
+            )
+        if up.shape[0] != layer.out_features or down.shape[1] != layer.in_features:
+            raise IncompatibleBaseError(
+                f"{key}: adapter is {up.shape[0]}×{down.shape[1]} (out×in), the layer is "
+                f"{layer.out_features}×{layer.in_features}"
+            )
+        super().validate(t, layer, key)
 
     def describe(self, t: Tensors) -> dict[str, object]:
         out = super().describe(t)

@@ -1,0 +1,1 @@
+"""The `lyco` command line: thin layers over library calls."""

@@ -1,0 +1,145 @@
+"""Adapter files as Lyco reads them: module groups with their detected algorithm, and metadata.
+
+Reading never needs the base model: :func:`read_adapter` groups tensors by module key (the part before
+the first dot), detects each module's algorithm from its tensor names, and reports tensors nothing
+understands. :meth:`ModuleTensors.merge` computes the new weight of one module from a base weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import algorithms
+from .algorithms import Algorithm
+from .errors import CorruptFileError
+from .layers import LayerInfo
+
+if TYPE_CHECKING:
+    from .network.network import AdapterNetwork
+
+_KNOWN_SUFFIXES = frozenset(n for a in algorithms.ALGORITHMS for n in a.tensor_names)
+
+
+@dataclass
+class ModuleTensors:
+    """One module of a file: its key, detected algorithm and tensors (file suffix → tensor)."""
+
+    key: str
+    algorithm: Algorithm
+    tensors: dict[str, torch.Tensor]
+
+    def check_dtypes(self, source: str) -> None:
+        for name, t in self.tensors.items():
+            if name not in self.algorithm.frozen_names and not t.is_floating_point():
+                raise CorruptFileError(f"{source}: {self.key}.{name}: integer dtype {t.dtype} where floats belong")
+
+    def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
+        """ΔW (W' − W at multiplier 1) for a base weight of any supported shape, in float32."""
+        w = base_weight.float()
+        return self.merge(w, None, 1.0)[0] - w
+
+    def merge(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, multiplier: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The new weight (and bias) of this module's layer at ``multiplier``, computed in float32
+        and returned in ``weight``'s dtype. DoRA, (IA)³ and OFT use their exact (non-additive) rules."""
+        from .algorithms.dora import dora_merge
+
+        layer = LayerInfo.from_weight(weight.shape, bias is not None)
+        t = {k: (v.float() if v.is_floating_point() else v) for k, v in self.tensors.items()}
+        self.algorithm.validate(t, layer, self.key)
+        w32 = weight.float()
+        b32 = None if bias is None else bias.float()
+        if "dora_scale" in t:
+            dw = self.algorithm.delta_weight(t, layer, w32 if self.algorithm.needs_base_weight else None)
+            new_w, new_b = dora_merge(w32, dw, t["dora_scale"], multiplier), b32
+        else:
+            new_w, new_b = self.algorithm.merge(w32, b32, t, layer, multiplier)
+        return new_w.to(weight.dtype), None if new_b is None else new_b.to(weight.dtype)
+
+    def describe(self) -> dict[str, Any]:
+        return self.algorithm.describe(self.tensors)
+
+
+@dataclass
+class AdapterFile:
+    """An adapter file's modules, the tensors nothing understood, and its raw header metadata."""
+
+    path: Path | None
+    modules: dict[str, ModuleTensors]
+    unknown_tensors: list[str] = field(default_factory=list)
+    header: dict[str, str] = field(default_factory=dict)
+
+    def algorithms(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for m in self.modules.values():
+            out[m.algorithm.name] = out.get(m.algorithm.name, 0) + 1
+        return out
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{k}.{n}": t for k, m in self.modules.items() for n, t in m.tensors.items()}
+
+
+def group_modules(
+    tensors: Mapping[str, torch.Tensor], source: str = "adapter"
+) -> tuple[dict[str, ModuleTensors], list[str]]:
+    """Split tensor names at the first dot, detect each module's algorithm, check dtypes.
+
+    Returns the modules and the names of tensors whose suffix no algorithm uses.
+    """
+    from .formats.naming import split_key
+
+    by_key: dict[str, dict[str, torch.Tensor]] = {}
+    unknown: list[str] = []
+    for name, t in tensors.items():
+        key, suffix = split_key(name)
+        if suffix not in _KNOWN_SUFFIXES:
+            unknown.append(name)
+            continue
+        by_key.setdefault(key, {})[suffix] = t
+    modules: dict[str, ModuleTensors] = {}
+    for key, group in by_key.items():
+        algo = algorithms.detect(group, f"{source}: {key}")
+        extra = sorted(set(group) - set(algo.tensor_names))
+        if extra:
+            unknown.extend(f"{key}.{s}" for s in extra)
+            group = {k: v for k, v in group.items() if k in algo.tensor_names}
+        m = ModuleTensors(key, algo, group)
+        m.check_dtypes(source)
+        modules[key] = m
+    return modules, unknown
+
+
+def read_adapter(path: str | Path) -> AdapterFile:
+    """Read and validate an adapter file (safetensors); errors name the file and key."""
+    from .formats.safetensors_io import load_tensors, read_header
+
+    path = Path(path)
+    header = read_header(path)
+    tensors = load_tensors(path)
+    modules, unknown = group_modules(tensors, str(path))
+    return AdapterFile(path, modules, unknown, dict(header.metadata))
+
+
+def save_adapter(
+    network: AdapterNetwork,
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    metadata: Any = None,
+    base_family: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``network`` to ``path`` atomically with full metadata (see :mod:`lyco_core.formats.metadata`)."""
+    from .formats.metadata import build_header
+    from .formats.safetensors_io import payload_sha256_of, save_tensors
+
+    tensors = network.file_tensors(dtype)
+    header = build_header(network, tensors, payload_sha256_of(tensors), metadata=metadata, base_family=base_family)
+    save_tensors(path, tensors, header, overwrite=overwrite)
+    return Path(path)

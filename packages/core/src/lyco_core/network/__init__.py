@@ -1,0 +1,1 @@
+"""Attaching adapters to torch models: one wrapper per layer, networks of them, and module selection."""
