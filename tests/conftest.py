@@ -11,6 +11,10 @@ import torch
 os.environ.setdefault("LYCORIS_KERNEL_BACKEND", "torch")
 
 
+# Tests run tiny models: one intra-op thread is faster than two fighting over a shared 2-core machine.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -105,7 +105,8 @@ def test_init_gives_zero_delta_and_kohya_shapes() -> None:
     t = LORA.init_tensors(layer, AdapterOptions(dim=4))
     assert t["lora_down.weight"].shape == (4, 64, 3, 3)
     assert t["lora_up.weight"].shape == (64, 4, 1, 1)
-    assert t["alpha"].shape == () and t["alpha"].dtype == torch.float32
+    assert t["alpha"].shape == ()
+    assert t["alpha"].dtype == torch.float32
     assert torch.count_nonzero(LORA.delta_weight(t, layer)) == 0
     tt = LORA.init_tensors(layer, AdapterOptions(dim=4, use_tucker=True))
     assert tt["lora_down.weight"].shape == (4, 64, 1, 1)

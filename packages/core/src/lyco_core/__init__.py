@@ -17,6 +17,7 @@ Quick start::
 from __future__ import annotations
 
 from pathlib import Path
+
 from torch import nn
 
 from . import algorithms

@@ -136,10 +136,34 @@ def save_adapter(
     overwrite: bool = False,
 ) -> Path:
     """Write ``network`` to ``path`` atomically with full metadata (see :mod:`lyco_core.formats.metadata`)."""
-    from .formats.metadata import build_header
+    from .formats.metadata import to_header
     from .formats.safetensors_io import payload_sha256_of, save_tensors
 
     tensors = network.file_tensors(dtype)
-    header = build_header(network, tensors, payload_sha256_of(tensors), metadata=metadata, base_family=base_family)
-    save_tensors(path, tensors, header, overwrite=overwrite)
+    meta = network_metadata(network, metadata, base_family)
+    save_tensors(path, tensors, to_header(meta, payload_sha256_of(tensors)), overwrite=overwrite)
     return Path(path)
+
+
+def network_metadata(network: AdapterNetwork, metadata: Any = None, base_family: str | None = None) -> Any:
+    """The :class:`~lyco_core.formats.metadata.AdapterMetadata` of a network: module summaries and algorithm
+    counts from the modules themselves, network options from its config, the rest from ``metadata``
+    (an ``AdapterMetadata`` or a dict of its fields)."""
+    from .formats.metadata import AdapterMetadata, BaseModelInfo, ModuleSummary, NetworkInfo
+
+    given = metadata.model_dump() if isinstance(metadata, AdapterMetadata) else dict(metadata or {})
+    modules = {
+        m.key: ModuleSummary.from_describe(m.algorithm.describe(m.tensors()), m.layer.weight_shape) for m in network
+    }
+    cfg = network.config
+    if "network" not in given and cfg is not None:
+        preset = cfg.preset if isinstance(cfg.preset, str) else cfg.preset.name
+        options = cfg.model_dump(exclude={"algo", "dim", "alpha", "preset"}, exclude_defaults=True)
+        given["network"] = NetworkInfo(algo=cfg.algo, dim=cfg.dim, alpha=cfg.alpha, preset=preset, options=options)
+    if base_family is not None:
+        base = dict(given.get("base") or {})
+        base["family"] = base_family
+        given["base"] = BaseModelInfo.model_validate(base)
+    given["modules"] = modules
+    given["algorithms"] = network.summary()
+    return AdapterMetadata.model_validate(given)

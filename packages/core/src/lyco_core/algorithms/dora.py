@@ -33,9 +33,7 @@ def init_magnitude(weight: torch.Tensor, on_output: bool) -> torch.Tensor:
 
 def magnitude_on_output(m: torch.Tensor, weight_shape: tuple[int, ...]) -> bool:
     """Orientation of a stored ``dora_scale``: ``(O, 1, …)`` → output, ``(1, I, …)`` → input."""
-    if m.ndim >= 2 and m.shape[0] == 1 and m.shape[1] == weight_shape[1] and weight_shape[0] != 1:
-        return False
-    return True
+    return not (m.ndim >= 2 and m.shape[0] == 1 and m.shape[1] == weight_shape[1] and weight_shape[0] != 1)
 
 
 def dora_weight(weight: torch.Tensor, delta: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

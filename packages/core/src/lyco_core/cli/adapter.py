@@ -58,7 +58,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     print(f"file        {info['file']}  ({info['size_bytes']:,} bytes)")
     print(f"schema      {info['schema_version'] or '(no Lyco metadata)'}")
-    print(f"algorithms  " + ", ".join(f"{k}: {v}" for k, v in info["algorithms"].items()))
+    print("algorithms  " + ", ".join(f"{k}: {v}" for k, v in info["algorithms"].items()))
     print(f"modules     {info['module_count']}   ranks {info['ranks']}   parameters {info['parameters']:,}")
     print(f"dtypes      {', '.join(info['dtypes'])}")
     print(f"payload     sha256 {info['payload_sha256']}")

@@ -97,7 +97,7 @@ class AdapterModule(nn.Module):
     def tensors(self) -> dict[str, torch.Tensor]:
         """The module's file tensors, with a trained ``use_scalar`` folded into its target (autograd-aware)."""
         t = {name: getattr(self, _attr(name)) for name in self._names}
-        target = self.algorithm.scalar_target
+        target = self.algorithm.scalar_target_for(t)
         if self.scalar is not None and target is not None:
             t[target] = t[target] * self.scalar
         return t
