@@ -48,8 +48,10 @@ def load_network(
     strict: bool = True,
 ) -> tuple[AdapterNetwork, LoadReport]:
     """Load an adapter file onto ``model`` (not applied yet: call ``.apply()`` or ``.merge()``)."""
-    f = read_adapter(path)
-    return network_from_tensors(f.tensors(), model, multiplier=multiplier, strict=strict, source=str(path))
+    from .formats.safetensors_io import load_tensors
+
+    tensors = load_tensors(path)
+    return network_from_tensors(tensors, model, multiplier=multiplier, strict=strict, source=str(path))
 
 
 __all__ = [

@@ -108,6 +108,10 @@ class Algorithm(ABC):
         scalar, held by the module and starting at 0, keeps ΔW = 0).
         """
 
+    def training_tensors(self, t: Tensors, opts: AdapterOptions) -> Tensors:
+        """The tensors one training forward uses (DyLoRA samples a rank here). Default: ``t`` itself."""
+        return t
+
     def scalar_target_for(self, t: Tensors) -> str | None:
         """The tensor a trained scalar is folded into, for these tensors (LoKr picks by variant)."""
         return self.scalar_target

@@ -25,7 +25,7 @@ import torch
 from ..errors import InvalidConfigError
 from ..layers import LayerInfo
 from . import init
-from .base import AdapterOptions, alpha_tensor
+from .base import AdapterOptions, Tensors, alpha_tensor
 from .lora import DOWN, UP, LoRA
 
 
@@ -103,3 +103,14 @@ class DyLoRA(LoRA):
             UP: init.zeros(layer.out_features, r),
             "alpha": alpha_tensor(opts.effective_alpha() * opts.block_size),
         }
+
+    def training_tensors(self, t: Tensors, opts: AdapterOptions) -> Tensors:
+        """One training step's factors: a random number of rank blocks, only the last one trained.
+
+        The stored alpha is α·bs, so the LoRA scale α_file/k of the truncated factors is α/(blocks used),
+        the scale DyLoRA trains with.
+        """
+        r = int(t[DOWN].shape[0])
+        k = sample_rank_blocks(r, opts.block_size)
+        down, up = dylora_step_factors(t[DOWN], t[UP], k, opts.block_size)
+        return {**t, DOWN: down, UP: up}

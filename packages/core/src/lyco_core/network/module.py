@@ -102,6 +102,11 @@ class AdapterModule(nn.Module):
             t[target] = t[target] * self.scalar
         return t
 
+    def forward_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors a forward pass uses: :meth:`tensors`, or the algorithm's training view of them."""
+        t = self.tensors()
+        return dict(self.algorithm.training_tensors(t, self.opts)) if self.training else t
+
     def file_tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """``{"<key>.<suffix>": tensor}`` as written to disk (detached, CPU, contiguous)."""
         out = {}
@@ -125,10 +130,11 @@ class AdapterModule(nn.Module):
         bias: torch.Tensor | None,
         multiplier: float | None = None,
         row_mask: torch.Tensor | None = None,
+        t: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Weight and bias with this adapter merged at ``multiplier`` (default: the module's)."""
         mu = self.multiplier if multiplier is None else multiplier
-        t = self.tensors()
+        t = self.tensors() if t is None else t
         algo = self.algorithm
         if not algo.additive:
             return algo.merge(weight, bias, t, self.layer, mu)
@@ -184,7 +190,7 @@ class AdapterModule(nn.Module):
         if not self.bypass_mode:
             w, b = self._base_weight(), self._base_bias()
             mask = self._rank_mask(self.layer.out_features, x.device, w.dtype) if self.algorithm.additive else None
-            return self._op(x, *self.merged_params(w, b, row_mask=mask))
+            return self._op(x, *self.merged_params(w, b, row_mask=mask, t=self.forward_tensors()))
         return self.forward_stacked(x, orig_forward(x))
 
     def forward_stacked(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -192,7 +198,7 @@ class AdapterModule(nn.Module):
         if self._skip():
             return y
         algo, mu = self.algorithm, self.multiplier
-        t = self.tensors()
+        t = self.forward_tensors()
         w, b = self._base_weight(), self._base_bias()
         if not algo.additive:
             return algo.bypass(x, y, t, self.layer, mu, base_weight=w, base_bias=b)
@@ -202,7 +208,7 @@ class AdapterModule(nn.Module):
             c = algo.bypass(x, zero, t, self.layer, mu, base_weight=w, base_bias=b, hidden_hook=hook)
         else:
             mask = self._rank_mask(self.layer.out_features, x.device, w.dtype)
-            new_w, new_b = self.merged_params(w, b, row_mask=mask)
+            new_w, new_b = self.merged_params(w, b, row_mask=mask, t=t)
             db = None if new_b is None else (new_b - b if b is not None else new_b)
             c = self._op(x, new_w - w, db)  # every additive op is linear in (W, b)
         if self.training and self.opts.dropout > 0:
