@@ -202,8 +202,11 @@ class AdapterModule(nn.Module):
         w, b = self._base_weight(), self._base_bias()
         if not algo.additive:
             return algo.bypass(x, y, t, self.layer, mu, base_weight=w, base_bias=b)
+        dropout = self.training and self.opts.dropout > 0
         if self.bypass_mode:
             hook = self._hidden_hook if self.training and self.opts.rank_dropout > 0 else None
+            if not dropout:  # the common case: let the algorithm add its part to y directly
+                return algo.bypass(x, y, t, self.layer, mu, base_weight=w, base_bias=b, hidden_hook=hook)
             zero = torch.zeros((), dtype=y.dtype, device=y.device)
             c = algo.bypass(x, zero, t, self.layer, mu, base_weight=w, base_bias=b, hidden_hook=hook)
         else:
@@ -211,7 +214,7 @@ class AdapterModule(nn.Module):
             new_w, new_b = self.merged_params(w, b, row_mask=mask, t=t)
             db = None if new_b is None else (new_b - b if b is not None else new_b)
             c = self._op(x, new_w - w, db)  # every additive op is linear in (W, b)
-        if self.training and self.opts.dropout > 0:
+        if dropout:
             c = F.dropout(c, self.opts.dropout)
         return y + c
 
