@@ -371,6 +371,33 @@ def test_describe_rank_scale_and_registry() -> None:
     assert algorithms.detect(t).name == "loha"
     assert algorithms.detect(t_tucker).name == "loha"
     assert ALGO.supports_dora
-    assert ALGO.default_bypass is False
+    assert ALGO.default_bypass is True
     ALGO.check_options(AdapterOptions(algo="loha", dora=True, use_scalar=True), info)
     assert set(t) <= set(ALGO.tensor_names)
+
+
+# ------------------------------------------------------------------------------------------ rank-r² bypass
+def test_face_splitting_factors_are_exact() -> None:
+    from lyco_core.algorithms.loha import loha_lowrank_factors
+
+    w1a, w1b, w2a, w2b = (torch.randn(*s, dtype=torch.float64) for s in [(12, 3), (3, 20), (12, 2), (2, 20)])
+    up, down = loha_lowrank_factors(w1a, w1b, w2a, w2b)
+    assert up.shape == (12, 6)
+    assert down.shape == (6, 20)
+    torch.testing.assert_close(up @ down, (w1a @ w1b) * (w2a @ w2b))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_factorised_bypass_is_used_on_wide_layers_and_equals_rebuild(kind: str) -> None:
+    from lyco_core.algorithms import loha as loha_mod
+
+    base = nn.Linear(96, 80, bias=True) if kind == "linear" else nn.Conv2d(48, 64, 3, padding=1, stride=2)
+    x = torch.randn(3, 96) if kind == "linear" else torch.randn(2, 48, 9, 9)
+    base = base.double()
+    x = x.double()
+    layer = LayerInfo.from_module(base)
+    t = {k: (torch.randn_like(v) if k != "alpha" else v).double()
+         for k, v in ALGO.init_tensors(layer, AdapterOptions(algo="loha", dim=4, alpha=2.0)).items()}
+    assert loha_mod._factorised_is_cheaper(t, layer)
+    w, b = ALGO.merge(base.weight.detach(), base.bias.detach(), t, layer, 0.7)
+    torch.testing.assert_close(ALGO.bypass(x, base(x), t, layer, 0.7), layer.forward(x, w, b))

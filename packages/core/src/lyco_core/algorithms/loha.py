@@ -28,6 +28,7 @@ from ..errors import CorruptFileError, IncompatibleBaseError
 from ..layers import LayerInfo
 from . import init
 from .base import AdapterOptions, Algorithm, HiddenHook, Tensors, alpha_tensor, flat2d
+from .lora import lora_bypass
 from .tucker import rebuild_tucker
 
 W1A, W1B, W2A, W2B = "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"
@@ -175,6 +176,25 @@ def loha_delta_tucker(
 
 
 # --------------------------------------------------------------------------------------- algorithm
+def loha_lowrank_factors(
+    w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w1a@w1b) ⊙ (w2a@w2b) = U @ D`` with ``U (O, r1·r2)`` and ``D (r1·r2, I·∏k)`` (face-splitting products).
+
+    ``w1a (O, r1)``, ``w1b (r1, I·∏k)``, ``w2a (O, r2)``, ``w2b (r2, I·∏k)``. Exact; differentiable.
+    """
+    up = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], -1)
+    down = (w1b[:, None, :] * w2b[None, :, :]).reshape(-1, w1b.shape[1])
+    return up, down
+
+
+def _factorised_is_cheaper(t: Tensors, layer: LayerInfo) -> bool:
+    """Multiply-adds per output position: rank-R path ``R·(I·∏k + O)`` vs the ΔW op ``O·I·∏k``."""
+    rank = t[W1B].shape[0] * t[W2B].shape[0]
+    ik = layer.in_features * layer.kernel_numel
+    return rank * (ik + layer.out_features) < layer.out_features * ik
+
+
 class LoHa(Algorithm):
     name = "loha"
     description = "Hadamard product of two low-rank matrices, ΔW = (w1_a·w1_b) ⊙ (w2_a·w2_b) (Tucker optional)"
@@ -182,7 +202,7 @@ class LoHa(Algorithm):
     tensor_names = (W1A, W1B, W2A, W2B, T1, T2, "alpha", "dora_scale")
     scalar_target = W1A
     supports_dora = True
-    default_bypass = False
+    default_bypass = True
 
     def init_tensors(
         self, layer: LayerInfo, opts: AdapterOptions, base_weight: torch.Tensor | None = None
@@ -232,13 +252,21 @@ class LoHa(Algorithm):
         base_bias: torch.Tensor | None = None,
         hidden_hook: HiddenHook | None = None,
     ) -> torch.Tensor:
-        """``f(x) + layer.forward(x, μ·ΔW)``.
+        """``f(x) + μ·ΔW(x)``, through a rank-r² factorisation of the Hadamard product when that is cheaper.
 
-        A Hadamard product has no low-rank path through the activations (the rank of ΔW is up to r²),
-        so this rebuilds ΔW once in ``x``'s dtype, with μ folded into the scale, and runs one extra layer
-        op. ``hidden_hook`` is ignored: LoHa has no low-rank hidden activation.
+        ``(w1a@w1b) ⊙ (w2a@w2b) = U @ D`` exactly, with ``U[o,(i,j)] = w1a[o,i]·w2a[o,j]`` (O × r1·r2) and
+        ``D[(i,j),c] = w1b[i,c]·w2b[j,c]`` (r1·r2 × I·∏k) (face-splitting products). So a LoHa module runs as a
+        LoRA of rank r1·r2 on the activations, which avoids the full-size weight gradient a rebuilt ΔW costs
+        in training. Tucker and grouped convs, and layers where r1·r2 is not small next to the layer, rebuild
+        ΔW once and run one extra layer op instead. ``hidden_hook`` acts on the rank-r1·r2 hidden activation.
         """
-        dw = self._delta(t, layer, multiplier * self.scale(t), x.dtype)
+        scale = multiplier * self.scale(t)
+        if T1 not in t and layer.groups == 1 and _factorised_is_cheaper(t, layer):
+            up, down = loha_lowrank_factors(t[W1A].to(x.dtype), t[W1B].to(x.dtype), t[W2A].to(x.dtype),
+                                            t[W2B].to(x.dtype))
+            down = down.reshape(down.shape[0], layer.in_features, *layer.kernel_size)
+            return base_out + lora_bypass(x, down, up, None, scale, layer, hidden_hook)
+        dw = self._delta(t, layer, scale, x.dtype)
         return base_out + layer.forward(x, dw)
 
     # ----------------------------------------------------------------------------- file facts
