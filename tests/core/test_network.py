@@ -184,3 +184,64 @@ def test_train_norm_adds_norm_modules(model: Toy) -> None:
     net.restore()
     net.merge()
     torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+
+
+def _linear_net(**opts: object) -> tuple[nn.Linear, lc.AdapterNetwork]:
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 16)
+    layer.requires_grad_(False)
+    net = lc.create_network(layer, dim=4, **opts)
+    _randomise(net)
+    net.apply()
+    return layer, net
+
+
+def test_module_dropout_skips_the_adapter_only_in_training() -> None:
+    layer, net = _linear_net(algo="lora", module_dropout=0.999999)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        net.train()
+        y_train = layer(x)
+        net.eval()
+        y_eval = layer(x)
+        net.restore()
+        y_base = layer(x)
+    torch.testing.assert_close(y_train, y_base)
+    assert not torch.allclose(y_eval, y_base)
+
+
+@pytest.mark.parametrize("algo", ["lora", "loha"])
+def test_rank_dropout_and_dropout_act_in_training_only(algo: str) -> None:
+    for opts in ({"rank_dropout": 0.5}, {"dropout": 0.5}, {"rank_dropout": 0.5, "rank_dropout_scale": True}):
+        layer, net = _linear_net(algo=algo, **opts)
+        x = torch.randn(64, 16)
+        net.eval()
+        y1, y2 = layer(x), layer(x)
+        torch.testing.assert_close(y1, y2)
+        net.train()
+        torch.manual_seed(1)
+        t1 = layer(x)
+        torch.manual_seed(2)
+        t2 = layer(x)
+        assert not torch.allclose(t1, t2), opts
+
+
+def test_use_scalar_starts_at_zero_and_is_folded_on_save(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 16)
+    x = torch.randn(4, 16)
+    y0 = layer(x)
+    net = lc.create_network(layer, algo="lokr", dim=2, factor=4, decompose_both=True, use_scalar=True)
+    net.apply()
+    torch.testing.assert_close(layer(x), y0)  # ΔW = 0 at init although every factor is random
+    with torch.no_grad():
+        next(iter(net)).scalar.fill_(0.7)
+    y = layer(x)
+    assert not torch.allclose(y, y0)
+    path = tmp_path / "s.safetensors"
+    net.save(path)
+    fresh = nn.Linear(16, 16)
+    fresh.load_state_dict(layer.state_dict())
+    net2, _ = lc.load_network(path, fresh)
+    net2.apply()
+    torch.testing.assert_close(fresh(x), y)

@@ -162,13 +162,15 @@ class Algorithm(ABC):
 
         The default builds ΔW and runs one extra layer op; algorithms override it with a cheaper path.
         ``hidden_hook`` (rank dropout during training) is applied to the low-rank hidden activation by
-        algorithms that have one; others ignore it.
+        algorithms that have one, and otherwise to the output channels of the adapter's part (which equals
+        masking ΔW's output rows, LyCORIS's rank dropout in rebuild mode).
         """
         if not self.additive:
             w, b = self.merge(base_weight, base_bias, t, layer, multiplier)  # type: ignore[arg-type]
             return layer.forward(x, w, b)
         dw = self.delta_weight(t, layer, base_weight if self.needs_base_weight else None)
-        out = base_out + multiplier * layer.forward(x, dw.to(x.dtype))
+        c = multiplier * layer.forward(x, dw.to(x.dtype))
+        out = base_out + (c if hidden_hook is None else hidden_hook(c))
         db = self.delta_bias(t, layer)
         if db is not None:
             out = out + multiplier * layer.channel_view(db.to(out.dtype))

@@ -258,7 +258,8 @@ class LoHa(Algorithm):
         ``D[(i,j),c] = w1b[i,c]·w2b[j,c]`` (r1·r2 × I·∏k) (face-splitting products). So a LoHa module runs as a
         LoRA of rank r1·r2 on the activations, which avoids the full-size weight gradient a rebuilt ΔW costs
         in training. Tucker and grouped convs, and layers where r1·r2 is not small next to the layer, rebuild
-        ΔW once and run one extra layer op instead. ``hidden_hook`` acts on the rank-r1·r2 hidden activation.
+        ΔW once and run one extra layer op instead. ``hidden_hook`` acts on the rank-r1·r2 hidden activation,
+        or on the output channels of the adapter's part when ΔW is rebuilt (= masking ΔW's output rows).
         """
         scale = multiplier * self.scale(t)
         if T1 not in t and layer.groups == 1 and _factorised_is_cheaper(t, layer):
@@ -266,8 +267,8 @@ class LoHa(Algorithm):
                                             t[W2B].to(x.dtype))
             down = down.reshape(down.shape[0], layer.in_features, *layer.kernel_size)
             return base_out + lora_bypass(x, down, up, None, scale, layer, hidden_hook)
-        dw = self._delta(t, layer, scale, x.dtype)
-        return base_out + layer.forward(x, dw)
+        c = layer.forward(x, self._delta(t, layer, scale, x.dtype))
+        return base_out + (c if hidden_hook is None else hidden_hook(c))
 
     # ----------------------------------------------------------------------------- file facts
     def describe(self, t: Tensors) -> dict[str, object]:

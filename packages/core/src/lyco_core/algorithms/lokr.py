@@ -269,15 +269,18 @@ class LoKr(Algorithm):
     ) -> torch.Tensor:
         """``f(x) + μ·s·kron(w1, w2)·x`` through :func:`kron_bypass`.
 
-        ``hidden_hook`` is ignored: LoKr has no per-rank hidden activation (LyCORIS applies rank dropout to
-        ΔW's output rows in rebuild mode only). Grouped convs fall back to building ΔW.
+        LoKr has no per-rank hidden activation, so ``hidden_hook`` (rank dropout) masks the output channels of
+        the adapter's part, which equals masking ΔW's output rows as rebuild mode does. Grouped convs fall
+        back to building ΔW.
         """
         if layer.groups != 1:
-            return super().bypass(x, base_out, t, layer, multiplier, base_weight=base_weight, base_bias=base_bias)
+            return super().bypass(x, base_out, t, layer, multiplier, base_weight=base_weight, base_bias=base_bias,
+                                  hidden_hook=hidden_hook)
         dtype = x.dtype
         w1 = kron_w1(t).to(dtype) * (multiplier * self.scale(t))
         f = W2Factors(*(None if v is None else v.to(dtype) for v in w2_factors(t)))
-        return base_out + kron_bypass(x, w1, f, layer)
+        c = kron_bypass(x, w1, f, layer)
+        return base_out + (c if hidden_hook is None else hidden_hook(c))
 
     # ----------------------------------------------------------------------------- file facts
     def describe(self, t: Tensors) -> dict[str, object]:
