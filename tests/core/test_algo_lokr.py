@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import pytest
@@ -395,36 +394,3 @@ def test_describe_rank_scale_registry() -> None:
     assert ALGO.scale(t) == 0.5
     assert get("kron") is get("lokr")
     assert isinstance(get("lokr"), LoKr)
-
-
-# --------------------------------------------------------------------------- informal benchmark
-def test_benchmark_bypass_vs_rebuild(capsys: pytest.CaptureFixture[str]) -> None:
-    """320→320 3×3 conv at 32×32, factor 8, full dim: forward + backward, printed (no assertion on time)."""
-    torch.manual_seed(0)
-    layer = LayerInfo.conv(320, 320, (3, 3), padding=(1, 1))
-    t = ALGO.init_tensors(layer, AdapterOptions(algo="lokr", factor=8, dim=100000, use_scalar=True))
-    assert set(t) == {"lokr_w1", "lokr_w2", "alpha"}
-    params = {k: v.requires_grad_(k != "alpha") for k, v in t.items()}
-    w = torch.randn(layer.weight_shape) * 0.02
-    x = torch.randn(2, 320, 32, 32, requires_grad=True)
-
-    def step(bypass: bool, backward: bool) -> float:
-        t0 = time.perf_counter()
-        with torch.set_grad_enabled(backward):
-            if bypass:
-                y = ALGO.bypass(x, layer.forward(x, w), params, layer, 1.0)
-            else:
-                y = layer.forward(x, ALGO.merge(w, None, params, layer, 1.0)[0])
-            if backward:
-                y.square().mean().backward()
-        return time.perf_counter() - t0
-
-    for bypass in (True, False):
-        step(bypass, True)  # warm up
-    res = {(bypass, backward): step(bypass, backward) * 1e3 for backward in (True, False) for bypass in (True, False)}
-    with capsys.disabled():
-        print(
-            f"\nLoKr 320→320 3×3 @32×32 N=2 f=8 full-dim (CPU, 1 thread): fwd+bwd bypass {res[True, True]:.0f} ms, "
-            f"rebuild {res[False, True]:.0f} ms; fwd only bypass {res[True, False]:.0f} ms, "
-            f"rebuild {res[False, False]:.0f} ms"
-        )
