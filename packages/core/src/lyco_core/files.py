@@ -16,7 +16,6 @@ import torch
 
 from . import algorithms
 from .algorithms import Algorithm
-from .errors import CorruptFileError
 from .layers import LayerInfo
 
 if TYPE_CHECKING:
@@ -33,10 +32,6 @@ class ModuleTensors:
     algorithm: Algorithm
     tensors: dict[str, torch.Tensor]
 
-    def check_dtypes(self, source: str) -> None:
-        for name, t in self.tensors.items():
-            if name not in self.algorithm.frozen_names and not t.is_floating_point():
-                raise CorruptFileError(f"{source}: {self.key}.{name}: integer dtype {t.dtype} where floats belong")
 
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
         """ΔW (W' − W at multiplier 1) for a base weight of any supported shape, in float32."""
@@ -48,18 +43,11 @@ class ModuleTensors:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The new weight (and bias) of this module's layer at ``multiplier``, computed in float32
         and returned in ``weight``'s dtype. DoRA, (IA)³ and OFT use their exact (non-additive) rules."""
-        from .algorithms.dora import dora_merge
-
         layer = LayerInfo.from_weight(weight.shape, bias is not None)
         t = {k: (v.float() if v.is_floating_point() else v) for k, v in self.tensors.items()}
         self.algorithm.validate(t, layer, self.key)
-        w32 = weight.float()
         b32 = None if bias is None else bias.float()
-        if "dora_scale" in t:
-            dw = self.algorithm.delta_weight(t, layer, w32 if self.algorithm.needs_base_weight else None)
-            new_w, new_b = dora_merge(w32, dw, t["dora_scale"], multiplier), b32
-        else:
-            new_w, new_b = self.algorithm.merge(w32, b32, t, layer, multiplier)
+        new_w, new_b = self.algorithm.merge(weight.float(), b32, t, layer, multiplier)
         return new_w.to(weight.dtype), None if new_b is None else new_b.to(weight.dtype)
 
     def describe(self) -> dict[str, Any]:
@@ -109,9 +97,8 @@ def group_modules(
         if extra:
             unknown.extend(f"{key}.{s}" for s in extra)
             group = {k: v for k, v in group.items() if k in algo.tensor_names}
-        m = ModuleTensors(key, algo, group)
-        m.check_dtypes(source)
-        modules[key] = m
+        algo.check_tensors(group, f"{source}: {key}")
+        modules[key] = ModuleTensors(key, algo, group)
     return modules, unknown
 
 

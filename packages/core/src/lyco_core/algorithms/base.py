@@ -134,16 +134,26 @@ class Algorithm(ABC):
         t: Tensors,
         layer: LayerInfo,
         multiplier: float = 1.0,
+        *,
+        row_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Weights at multiplier μ. Default: ``W + μΔW`` and ``b + μΔb``."""
-        dw = self.delta_weight(t, layer, weight if self.needs_base_weight else None)
-        new_w = weight + multiplier * dw.to(weight.dtype)
+        """Weights at multiplier μ: ``W + μΔW`` and ``b + μΔb``, or the DoRA rule when ``dora_scale`` is present.
+
+        ``row_mask`` ``(O,)`` multiplies ΔW's output rows (rank dropout in rebuild mode, training only).
+        """
+        from .dora import dora_merge
+
+        dw = self.delta_weight(t, layer, weight if self.needs_base_weight else None).to(weight.dtype)
+        if row_mask is not None:
+            dw = dw * row_mask.reshape(-1, *([1] * (dw.ndim - 1))).to(dw.dtype)
+        if "dora_scale" in t:
+            return dora_merge(weight, dw, t["dora_scale"], multiplier), bias
+        new_w = weight + multiplier * dw
         db = self.delta_bias(t, layer)
         new_b = bias
         if db is not None:
-            new_b = (bias if bias is not None else torch.zeros_like(db, dtype=weight.dtype)) + multiplier * db.to(
-                weight.dtype
-            )
+            base_b = bias if bias is not None else torch.zeros_like(db, dtype=weight.dtype)
+            new_b = base_b + multiplier * db.to(weight.dtype)
         return new_w, new_b
 
     def bypass(
@@ -199,6 +209,14 @@ class Algorithm(ABC):
         if "dora_scale" in t:
             out["dora"] = "output" if dora_on_output_from_shape(t["dora_scale"]) else "input"
         return out
+
+    def check_tensors(self, t: Tensors, key: str) -> None:
+        """Every tensor is one of this algorithm's, and floating point unless it is a frozen flag/alpha."""
+        for name, value in t.items():
+            if name not in self.tensor_names:
+                raise CorruptFileError(f"{key}.{name}: not a {self.name} tensor")
+            if name not in self.frozen_names and not value.is_floating_point():
+                raise CorruptFileError(f"{key}.{name}: integer dtype {value.dtype} where floats belong")
 
     def validate(self, t: Tensors, layer: LayerInfo, key: str) -> None:
         """Check that the tensors fit each other and ``layer``; raise naming ``key`` when not.

@@ -69,7 +69,10 @@ class Norm(Algorithm):
         t: Tensors,
         layer: LayerInfo,
         multiplier: float = 1.0,
+        *,
+        row_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``W + μ·w_norm``, ``b + μ·b_norm``; a norm layer has no ranks, so ``row_mask`` does not apply."""
         return norm_merge(weight, bias, t[W_NORM], t.get(B_NORM), multiplier)
 
     def bypass(

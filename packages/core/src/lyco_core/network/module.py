@@ -15,8 +15,8 @@ from torch import nn
 
 from ..algorithms import Algorithm
 from ..algorithms.base import AdapterOptions
-from ..algorithms.dora import dora_merge, init_magnitude
-from ..errors import CorruptFileError, InvalidConfigError
+from ..algorithms.dora import init_magnitude
+from ..errors import InvalidConfigError
 from ..layers import LayerInfo
 
 DORA = "dora_scale"
@@ -61,11 +61,7 @@ class AdapterModule(nn.Module):
                 tensors[DORA] = init_magnitude(weight, opts.dora_on_output)
         else:
             tensors = dict(tensors)
-            for name, value in tensors.items():
-                if name not in algorithm.tensor_names:
-                    raise CorruptFileError(f"{key}.{name}: not a {algorithm.name} tensor")
-                if name not in algorithm.frozen_names and not value.is_floating_point():
-                    raise CorruptFileError(f"{key}.{name}: integer dtype {value.dtype} where floats belong")
+            algorithm.check_tensors(tensors, key)
             algorithm.validate(tensors, self.layer, key)
         self._names: tuple[str, ...] = tuple(tensors)
         for name, value in tensors.items():
@@ -135,20 +131,9 @@ class AdapterModule(nn.Module):
         """Weight and bias with this adapter merged at ``multiplier`` (default: the module's)."""
         mu = self.multiplier if multiplier is None else multiplier
         t = self.tensors() if t is None else t
-        algo = self.algorithm
-        if not algo.additive:
-            return algo.merge(weight, bias, t, self.layer, mu)
-        dw = algo.delta_weight(t, self.layer, weight if algo.needs_base_weight else None).to(weight.dtype)
-        if row_mask is not None:
-            dw = dw * row_mask.reshape(-1, *([1] * (dw.ndim - 1))).to(dw.dtype)
-        if DORA in t:
-            return dora_merge(weight, dw, t[DORA], mu), bias
-        new_w = weight + mu * dw
-        db = algo.delta_bias(t, self.layer)
-        if db is not None:
-            base_b = bias if bias is not None else torch.zeros_like(db, dtype=weight.dtype)
-            bias = base_b + mu * db.to(weight.dtype)
-        return new_w, bias
+        if not self.algorithm.additive:
+            return self.algorithm.merge(weight, bias, t, self.layer, mu)
+        return self.algorithm.merge(weight, bias, t, self.layer, mu, row_mask=row_mask)
 
     def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The base layer's operation with another weight (norm layers included)."""
