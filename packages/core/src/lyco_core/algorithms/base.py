@@ -16,6 +16,7 @@ Conventions used by every method:
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import ClassVar
@@ -25,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import CorruptFileError, IncompatibleBaseError, InvalidConfigError
 from ..layers import LayerInfo
+from .dora import dora_merge, magnitude_on_output
 
 Tensors = Mapping[str, torch.Tensor]
 HiddenHook = Callable[[torch.Tensor], torch.Tensor]
@@ -141,8 +143,6 @@ class Algorithm(ABC):
 
         ``row_mask`` ``(O,)`` multiplies ΔW's output rows (rank dropout in rebuild mode, training only).
         """
-        from .dora import dora_merge
-
         dw = self.delta_weight(t, layer, weight if self.needs_base_weight else None).to(weight.dtype)
         if row_mask is not None:
             dw = dw * row_mask.reshape(-1, *([1] * (dw.ndim - 1))).to(dw.dtype)
@@ -207,7 +207,7 @@ class Algorithm(ABC):
         if "alpha" in t:
             out["alpha"] = float(t["alpha"].float().item())
         if "dora_scale" in t:
-            out["dora"] = "output" if dora_on_output_from_shape(t["dora_scale"]) else "input"
+            out["dora"] = "output" if magnitude_on_output(t["dora_scale"]) else "input"
         return out
 
     def check_tensors(self, t: Tensors, key: str) -> None:
@@ -229,7 +229,7 @@ class Algorithm(ABC):
             dw = self.delta_weight(t, layer, torch.zeros(layer.weight_shape) if self.needs_base_weight else None)
         except (RuntimeError, ValueError, IndexError) as e:
             raise CorruptFileError(f"{key}: tensors of this {self.name} module do not fit together ({e})") from None
-        if tuple(dw.shape) != layer.weight_shape and dw.numel() != _prod(layer.weight_shape):
+        if tuple(dw.shape) != layer.weight_shape and dw.numel() != math.prod(layer.weight_shape):
             raise IncompatibleBaseError(
                 f"{key}: {self.name} weight change has shape {tuple(dw.shape)}, the layer's weight is "
                 f"{layer.weight_shape}"
@@ -241,18 +241,6 @@ class Algorithm(ABC):
             raise InvalidConfigError(f"dora: not supported by {self.name}")
         if opts.use_scalar and self.scalar_target is None:
             raise InvalidConfigError(f"use_scalar: not supported by {self.name}")
-
-
-def _prod(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def dora_on_output_from_shape(dora_scale: torch.Tensor) -> bool:
-    """DoRA orientation from the magnitude's shape: ``(O, 1, …)`` is per output, ``(1, I, …)`` per input."""
-    return not (dora_scale.ndim >= 2 and dora_scale.shape[0] == 1 and dora_scale.shape[1] != 1)
 
 
 def alpha_tensor(value: float) -> torch.Tensor:

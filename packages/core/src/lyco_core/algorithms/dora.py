@@ -31,9 +31,17 @@ def init_magnitude(weight: torch.Tensor, on_output: bool) -> torch.Tensor:
     return weight_norm(weight, on_output)
 
 
-def magnitude_on_output(m: torch.Tensor, weight_shape: tuple[int, ...]) -> bool:
-    """Orientation of a stored ``dora_scale``: ``(O, 1, …)`` → output, ``(1, I, …)`` → input."""
-    return not (m.ndim >= 2 and m.shape[0] == 1 and m.shape[1] == weight_shape[1] and weight_shape[0] != 1)
+def magnitude_on_output(m: torch.Tensor, weight_shape: tuple[int, ...] | None = None) -> bool:
+    """Orientation of a stored ``dora_scale``: ``(O, 1, …)`` → output, ``(1, I, …)`` → input.
+
+    ``weight_shape`` settles the ambiguous cases (a layer with one output, or with one input); without it
+    the magnitude's own shape decides.
+    """
+    if m.ndim < 2 or m.shape[0] != 1:
+        return True
+    if weight_shape is None:
+        return m.shape[1] == 1
+    return not (m.shape[1] == weight_shape[1] and weight_shape[0] != 1)
 
 
 def dora_weight(weight: torch.Tensor, delta: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
