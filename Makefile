@@ -21,6 +21,7 @@ $(STAMP): requirements-dev.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 
 test: venv
 	$(VENV)/bin/ruff check packages services tests bench examples
+	$(VENV)/bin/mypy packages/core/src/lyco_core
 	$(PY) -m pytest -q
 
 demo: venv

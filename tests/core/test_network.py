@@ -245,3 +245,13 @@ def test_use_scalar_starts_at_zero_and_is_folded_on_save(tmp_path: Path) -> None
     net2, _ = lc.load_network(path, fresh)
     net2.apply()
     torch.testing.assert_close(fresh(x), y)
+
+
+def test_network_apply_with_a_function_is_torch_apply(model: Toy) -> None:
+    net = lc.create_network(model, algo="lora", dim=2)
+    seen: list[str] = []
+    net.apply(lambda m: seen.append(type(m).__name__))
+    assert not net.applied  # torch's apply(fn) does not attach the adapters
+    assert seen.count("AdapterModule") == len(net)
+    net.apply()
+    assert net.applied

@@ -122,8 +122,13 @@ class IA3(Algorithm):
         t: Tensors,
         layer: LayerInfo,
         multiplier: float = 1.0,
+        *,
+        row_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``W ⊙ (1 + μw)``; the bias is unchanged."""
+        """``W ⊙ (1 + μw)``; the bias is unchanged.
+
+        ``row_mask`` is unused: rank dropout does not apply to this multiplicative algorithm.
+        """
         return ia3_merge(weight, t[WEIGHT], ia3_on_input(t), multiplier, layer.groups), bias
 
     def bypass(

@@ -235,7 +235,7 @@ class LoHa(Algorithm):
             return loha_delta_tucker(
                 t[T1].to(dtype), f[0], f[1], t[T2].to(dtype), f[2], f[3], scale, layer.weight_shape
             )
-        return loha_delta(*f, scale, layer.weight_shape)
+        return loha_delta(f[0], f[1], f[2], f[3], scale, layer.weight_shape)
 
     def delta_weight(self, t: Tensors, layer: LayerInfo, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         return self._delta(t, layer, self.scale(t))

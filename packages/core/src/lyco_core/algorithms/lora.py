@@ -13,6 +13,7 @@ rs-LoRA stores ``α·√r`` so that every consumer's ``α_file/r`` equals ``α/�
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 
@@ -69,11 +70,11 @@ def lora_bypass(
 
 class LoRA(Algorithm):
     name = "lora"
-    aliases = ("locon", "lora-conv", "c3lier")
+    aliases: ClassVar[tuple[str, ...]] = ("locon", "lora-conv", "c3lier")
     description = "low-rank ΔW = up·down (LoCon on convs, Tucker core optional)"
-    detector_keys = (UP,)
-    tensor_names = (DOWN, UP, MID, "alpha", "dora_scale")
-    scalar_target = UP
+    detector_keys: ClassVar[tuple[str, ...]] = (UP,)
+    tensor_names: ClassVar[tuple[str, ...]] = (DOWN, UP, MID, "alpha", "dora_scale")
+    scalar_target: ClassVar[str | None] = UP
     supports_dora = True
     default_bypass = True
 

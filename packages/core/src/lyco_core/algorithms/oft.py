@@ -179,8 +179,13 @@ class OrthogonalAlgorithm(Algorithm):
         t: Tensors,
         layer: LayerInfo,
         multiplier: float = 1.0,
+        *,
+        row_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(rescale_μ ⊙ rotate_μ(W), b)`` in ``weight``'s dtype; μ=0 returns ``(W, b)`` themselves."""
+        """``(rescale_μ ⊙ rotate_μ(W), b)`` in ``weight``'s dtype; μ=0 returns ``(W, b)`` themselves.
+
+        ``row_mask`` is unused: rank dropout does not apply to this multiplicative algorithm.
+        """
         if multiplier == 0.0:
             return weight, bias
         return self._apply(weight, t, layer, multiplier, axis=0).to(weight.dtype), bias

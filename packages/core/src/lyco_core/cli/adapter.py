@@ -34,7 +34,7 @@ def inspect_adapter(path: str) -> dict[str, Any]:
     meta = read_metadata(f.header)
     params = sum(t.numel() for m in f.modules.values() for t in m.tensors.values())
     dtypes = sorted({str(t.dtype).replace("torch.", "") for m in f.modules.values() for t in m.tensors.values()})
-    ranks = sorted({m.describe().get("rank") for m in f.modules.values() if m.describe().get("rank") is not None})
+    ranks = sorted({int(r) for m in f.modules.values() if isinstance(r := m.describe().get("rank"), int)})
     return {
         "file": str(path),
         "schema_version": meta.lyco.schema_version if meta.lyco else None,

@@ -408,7 +408,7 @@ def payload_sha256_of(tensors: Mapping[str, torch.Tensor]) -> str:
     for name in _write_order(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 

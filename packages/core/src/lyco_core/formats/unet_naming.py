@@ -73,9 +73,9 @@ _RESNET_TO_DIFFUSERS = {ldm: diff for diff, ldm in RESNET_RENAMES}
 #: ``SpatialTransformer``; everything below them passes through unchanged.
 ATTENTION_CHILDREN: frozenset[str] = frozenset({"norm", "proj_in", "proj_out", "transformer_blocks"})
 
-_DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
-_UP_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
-_MID_TYPES = {"UNetMidBlock2DCrossAttn": True, None: False}
+_DOWN_TYPES: dict[str | None, bool] = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
+_UP_TYPES: dict[str | None, bool] = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
+_MID_TYPES: dict[str | None, bool] = {"UNetMidBlock2DCrossAttn": True, None: False}
 
 
 @dataclass(frozen=True)

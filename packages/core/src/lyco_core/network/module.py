@@ -7,7 +7,7 @@ on one layer: the layer's ``forward`` is replaced by a dispatcher that runs them
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,8 @@ class AdapterModule(nn.Module):
     new ones with the algorithm's initialisation). The base layer is referenced, not registered, so the
     module's ``state_dict`` and ``parameters`` hold the adapter only.
     """
+
+    base: nn.Module  # the wrapped layer; set with object.__setattr__ so it is not registered as a submodule
 
     def __init__(
         self,
@@ -83,8 +85,12 @@ class AdapterModule(nn.Module):
         return self.algorithm.default_bypass if opts.bypass is None else bool(opts.bypass)
 
     # ------------------------------------------------------------------------------------------ tensors
+    def _weight_param(self) -> torch.Tensor:
+        w: torch.Tensor = self.base.weight  # type: ignore[assignment]  # Linear/Conv/norm weights are tensors
+        return w
+
     def _base_weight(self) -> torch.Tensor:
-        return self.base.weight.detach()
+        return self._weight_param().detach()
 
     def _base_bias(self) -> torch.Tensor | None:
         b = getattr(self.base, "bias", None)
@@ -144,12 +150,13 @@ class AdapterModule(nn.Module):
             return F.layer_norm(x, base.normalized_shape, weight, bias, base.eps)
         if isinstance(base, nn.GroupNorm):
             return F.group_norm(x, base.num_groups, weight, bias, base.eps)
-        y = base._norm(x.float()).type_as(x) * weight  # RMSNorm-like: `_norm` then an affine weight
+        norm: Callable[[torch.Tensor], torch.Tensor] = base._norm  # type: ignore[assignment]  # RMSNorm-like
+        y = norm(x.float()).type_as(x) * weight
         return y if bias is None else y + bias
 
     # ------------------------------------------------------------------------------------------ training regularisers
     def _skip(self) -> bool:
-        return self.training and self.opts.module_dropout > 0 and torch.rand(()) < self.opts.module_dropout
+        return bool(self.training and self.opts.module_dropout > 0 and torch.rand(()) < self.opts.module_dropout)
 
     def _rank_mask(self, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
         p = self.opts.rank_dropout
@@ -239,7 +246,7 @@ class AdapterModule(nn.Module):
         """Write the merged weights into the base layer (exactly reversible with :meth:`unmerge_from_base`)."""
         if self.merged:
             raise InvalidConfigError(f"{self.key}: already merged")
-        w, b = self.base.weight, getattr(self.base, "bias", None)
+        w, b = self._weight_param(), getattr(self.base, "bias", None)
         self._backup = (w.detach().clone(), None if b is None else b.detach().clone())
         new_w, new_b = self.merged_params(w.detach(), None if b is None else b.detach(), multiplier)
         w.copy_(new_w.to(w.dtype))
@@ -254,9 +261,10 @@ class AdapterModule(nn.Module):
         if not self.merged or self._backup is None:
             return
         w0, b0 = self._backup
-        self.base.weight.copy_(w0)
+        self._weight_param().copy_(w0)
         if b0 is not None:
-            self.base.bias.copy_(b0)
+            bias: torch.Tensor = self.base.bias  # type: ignore[assignment]
+            bias.copy_(b0)
         self._backup = None
         self.merged = False
 

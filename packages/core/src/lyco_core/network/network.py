@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,8 +116,14 @@ class AdapterNetwork(nn.Module):
         return len(self.adapters)
 
     # ------------------------------------------------------------------------------------------ run time
-    def apply(self) -> AdapterNetwork:
-        """Attach every module to its layer (several networks may be applied to one model)."""
+    def apply(self, fn: Callable[[nn.Module], None] | None = None) -> AdapterNetwork:  # type: ignore[override]
+        """Attach every module to its layer (several networks may be applied to one model).
+
+        With ``fn`` it is ``nn.Module.apply`` (call ``fn`` on every submodule), so torch code that walks a
+        module tree with ``apply(fn)`` keeps working when a network sits inside it.
+        """
+        if fn is not None:
+            return super().apply(fn)
         if self.applied:
             raise InvalidConfigError("network is applied already")
         for m in self:
