@@ -157,3 +157,23 @@ def test_dylora_trains_random_rank_blocks_and_saves_full_rank(tmp_path: Path) ->
     f = lc.read_adapter(path)
     assert f.modules["lycoris_0"].tensors["lora_down.weight"].shape[0] == 8
     assert float(f.modules["lycoris_0"].tensors["alpha"]) == pytest.approx(8.0)  # α·block_size
+
+
+@pytest.mark.parametrize(
+    ("algo", "suffix", "bad_shape"),
+    [
+        ("lora", "lora_up.weight", (16, 3)),  # rank 3 against lora_down's rank 2
+        ("loha", "hada_w2_b", (2, 7)),  # input width 7 against hada_w1_b's 8
+        ("lokr", "lokr_w2_b", (3, 4)),  # rank 3 against lokr_w2_a's rank 2
+    ],
+)
+def test_partner_shape_mismatch_is_caught_without_a_model(
+    tmp_path: Path, algo: str, suffix: str, bad_shape: tuple[int, ...]
+) -> None:
+    net = lc.create_network(nn.Sequential(nn.Linear(8, 16)), algo=algo, dim=2, factor=2)
+    tensors = net.file_tensors()
+    tensors[f"lycoris_0.{suffix}"] = torch.randn(*bad_shape)
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path))
+    with pytest.raises(CorruptFileError, match=r"bad\.safetensors.*lycoris_0"):
+        lc.read_adapter(path)

@@ -16,6 +16,7 @@ import torch
 
 from . import algorithms
 from .algorithms import Algorithm
+from .errors import CorruptFileError, IncompatibleBaseError
 from .layers import LayerInfo
 
 if TYPE_CHECKING:
@@ -73,6 +74,22 @@ class AdapterFile:
         return {f"{k}.{n}": t for k, m in self.modules.items() for n, t in m.tensors.items()}
 
 
+def check_partners(algo: Algorithm, t: Mapping[str, torch.Tensor], key: str) -> None:
+    """Check that a module's tensors fit each other, without a base model.
+
+    Runs the algorithm's own validation against the layer the tensors imply, on meta tensors (shapes
+    only, no arithmetic). Any disagreement is the file's fault, so it is a :class:`CorruptFileError`.
+    """
+    shape = algo.implied_weight_shape(t)
+    if shape is None:
+        return
+    meta = {k: v if v.ndim == 0 else v.to("meta") for k, v in t.items()}
+    try:
+        algo.validate(meta, LayerInfo.from_weight(shape), key)
+    except IncompatibleBaseError as e:
+        raise CorruptFileError(str(e)) from None
+
+
 def group_modules(
     tensors: Mapping[str, torch.Tensor], source: str = "adapter"
 ) -> tuple[dict[str, ModuleTensors], list[str]]:
@@ -98,6 +115,7 @@ def group_modules(
             unknown.extend(f"{key}.{s}" for s in extra)
             group = {k: v for k, v in group.items() if k in algo.tensor_names}
         algo.check_tensors(group, f"{source}: {key}")
+        check_partners(algo, group, f"{source}: {key}")
         modules[key] = ModuleTensors(key, algo, group)
     return modules, unknown
 

@@ -210,6 +210,14 @@ class Algorithm(ABC):
             out["dora"] = "output" if magnitude_on_output(t["dora_scale"]) else "input"
         return out
 
+    def implied_weight_shape(self, t: Tensors) -> tuple[int, ...] | None:
+        """The base weight shape the tensors imply on their own, or None when they do not fix it.
+
+        Flattened conv factors give the 2-D shape ``(O, I·∏k)``. File readers use it to check that a module's
+        tensors fit each other without the base model.
+        """
+        return None
+
     def check_tensors(self, t: Tensors, key: str) -> None:
         """Every tensor is one of this algorithm's, and floating point unless it is a frozen flag/alpha."""
         for name, value in t.items():

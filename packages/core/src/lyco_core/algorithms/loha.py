@@ -277,6 +277,13 @@ class LoHa(Algorithm):
             out["tucker"] = True
         return out
 
+    def implied_weight_shape(self, t: Tensors) -> tuple[int, ...] | None:
+        if any(k not in t or t[k].ndim != 2 for k in (W1A, W1B)):
+            return None
+        if T1 in t:
+            return (int(t[W1A].shape[1]), int(t[W1B].shape[1]), *map(int, t[T1].shape[2:]))
+        return (int(t[W1A].shape[0]), int(t[W1B].shape[1]))
+
     def validate(self, t: Tensors, layer: LayerInfo, key: str) -> None:
         """Check the factors against each other (CorruptFileError) and the layer (IncompatibleBaseError).
 

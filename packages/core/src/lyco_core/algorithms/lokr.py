@@ -289,6 +289,19 @@ class LoKr(Algorithm):
         out["w2"] = "full" if W2 in t else ("tucker" if T2 in t else "low-rank")
         return out
 
+    def implied_weight_shape(self, t: Tensors) -> tuple[int, ...] | None:
+        try:
+            o1, i1 = (t[W1].shape if W1 in t else (t[W1A].shape[0], t[W1B].shape[1]))[:2]
+            if W2 in t:
+                o2, i2, kernel = t[W2].shape[0], t[W2].shape[1], tuple(t[W2].shape[2:])
+            elif T2 in t:
+                o2, i2, kernel = t[W2A].shape[1], t[W2B].shape[1], tuple(t[T2].shape[2:])
+            else:
+                o2, i2, kernel = t[W2A].shape[0], t[W2B].shape[1], ()
+        except (KeyError, IndexError):
+            return None
+        return (int(o1) * int(o2), int(i1) * int(i2), *map(int, kernel))
+
     def validate(self, t: Tensors, layer: LayerInfo, key: str) -> None:
         """Check presence and partner shapes of both halves, then ``O₁·O₂ = O``, ``I₁·I₂ = I`` and the kernel.
 

@@ -121,6 +121,12 @@ class LoRA(Algorithm):
         mid = None if mid is None else mid.to(dtype)
         return base_out + lora_bypass(x, down, up, mid, multiplier * self.scale(t), layer, hidden_hook)
 
+    def implied_weight_shape(self, t: Tensors) -> tuple[int, ...] | None:
+        if DOWN not in t or UP not in t or t[DOWN].ndim < 2:
+            return None
+        kernel = t[MID].shape[2:] if MID in t else t[DOWN].shape[2:]
+        return (int(t[UP].shape[0]), int(t[DOWN].shape[1]), *map(int, kernel))
+
     def validate(self, t: Tensors, layer: LayerInfo, key: str) -> None:
         for name in (DOWN, UP):
             if name not in t:
