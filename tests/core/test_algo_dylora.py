@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from checks import rel_err
 from lycoris.modules import DyLoraModule
 from torch import nn
 
@@ -35,10 +36,6 @@ def _input(layer: nn.Module) -> torch.Tensor:
     if isinstance(layer, nn.Conv1d):
         return torch.randn(2, layer.in_channels, 9, dtype=torch.float64)
     return torch.randn(2, layer.in_channels, 7, 7, dtype=torch.float64)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
 
 
 def _lycoris(layer: nn.Module, alpha: float, mult: float = 1.0) -> DyLoraModule:
@@ -78,13 +75,13 @@ def test_lycoris_file_alpha_is_block_size_short(kind: str, alpha: float) -> None
     ALGO.validate(sd, info, "k")
     base = layer(x)
     # read as every consumer reads it (LoRA, α_file/r): the effect is 1/bs of what LyCORIS ran
-    assert _rel(_ours(x, layer, sd, 0.5) - base, (expected - base) / BS) < 1e-12
+    assert rel_err(_ours(x, layer, sd, 0.5) - base, (expected - base) / BS) < 1e-12
     assert detect(sd) is get("lora")
     # with Lyco's convention α_file = α·bs the file reproduces LyCORIS's full-rank forward
     lyco = {**sd, "alpha": torch.tensor(float(alpha) * BS)}
-    assert _rel(_ours(x, layer, lyco, 0.5), expected) < 1e-12
+    assert rel_err(_ours(x, layer, lyco, 0.5), expected) < 1e-12
     base_w, base_b = layer.weight.detach(), layer.bias.detach()
-    assert _rel(ALGO.bypass(x, base, lyco, info, 0.5, base_weight=base_w, base_bias=base_b), expected) < 1e-12
+    assert rel_err(ALGO.bypass(x, base, lyco, info, 0.5, base_weight=base_w, base_bias=base_b), expected) < 1e-12
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv3x3"])
@@ -100,7 +97,7 @@ def test_truncation_keeps_alpha(kind: str) -> None:
         down, up = dylora_truncate(sd["lora_down.weight"], sd["lora_up.weight"], (b + 1) * BS)
         t = {"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(alpha_file)}
         assert ALGO.rank(t) == (b + 1) * BS
-        assert _rel(ALGO.delta_weight(t, info), expected.detach()) < 1e-12
+        assert rel_err(ALGO.delta_weight(t, info), expected.detach()) < 1e-12
         ALGO.validate(t, info, "k")
 
 
@@ -122,7 +119,7 @@ def test_our_tensors_load_into_lycoris(kind: str) -> None:
             ref.up_list[i].copy_(t["lora_up.weight"][:, i * BS : (i + 1) * BS])
             ref.down_list[i].copy_(down2[i * BS : (i + 1) * BS])
     x = _input(layer)
-    assert _rel(_ours(x, layer, t, 0.7), ref(x)) < 1e-12
+    assert rel_err(_ours(x, layer, t, 0.7), ref(x)) < 1e-12
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv3x3", "conv1x1", "conv1d"])
@@ -136,7 +133,7 @@ def test_bypass_equals_rebuild(kind: str) -> None:
     base = layer(x)
     for mult in (0.0, 0.5, 1.0):
         bypass = ALGO.bypass(x, base, t, info, mult, base_weight=w, base_bias=b)
-        assert _rel(bypass, _ours(x, layer, t, mult)) < 1e-12
+        assert rel_err(bypass, _ours(x, layer, t, mult)) < 1e-12
     mw, mb = ALGO.merge(w, b, t, info, 0.0)
     assert torch.equal(mw, w)
     assert torch.equal(mb, b)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from checks import rel_err
 from lycoris.modules import FullModule
 from torch import nn
 
@@ -34,10 +35,6 @@ def _input(layer: nn.Module) -> torch.Tensor:
     return torch.randn(2, layer.in_channels, 7, 7, dtype=torch.float64)
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
-
-
 def _ours(
     x: torch.Tensor, info: LayerInfo, w: torch.Tensor, b: torch.Tensor | None, t: dict, mult: float
 ) -> torch.Tensor:
@@ -64,7 +61,7 @@ def test_lycoris_trained_tensors_match_lycoris_forward(kind: str, bias: bool, mu
     sd = {k: v.detach().clone() for k, v in ref.state_dict().items()}
     assert set(sd) == ({"diff", "diff_b"} if bias else {"diff"})
     ALGO.validate(sd, info, "k")
-    assert _rel(_ours(x, info, w0, b0, sd, mult), expected) < 1e-12
+    assert rel_err(_ours(x, info, w0, b0, sd, mult), expected) < 1e-12
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv3x3", "conv1d"])
@@ -80,7 +77,7 @@ def test_our_tensors_load_into_lycoris(kind: str) -> None:
     ref.multiplier = 0.7
     x = _input(layer)
     w, b = layer.weight.detach(), layer.bias.detach()
-    assert _rel(_ours(x, info, w, b, t, 0.7), ref(x)) < 1e-12
+    assert rel_err(_ours(x, info, w, b, t, 0.7), ref(x)) < 1e-12
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv3x3", "conv1d", "grouped"])
@@ -93,7 +90,7 @@ def test_bypass_equals_rebuild(kind: str) -> None:
     base = layer(x)
     for mult in (0.0, 0.5, 1.0):
         bypass = ALGO.bypass(x, base, t, info, mult, base_weight=w, base_bias=b)
-        assert _rel(bypass, _ours(x, info, w, b, t, mult)) < 1e-12
+        assert rel_err(bypass, _ours(x, info, w, b, t, mult)) < 1e-12
         if mult == 0:
             mw, mb = ALGO.merge(w, b, t, info, 0.0)
             assert torch.equal(mw, w)

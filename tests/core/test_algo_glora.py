@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from checks import rel_err
 from lycoris.modules import GLoRAModule
 from torch import nn
 
@@ -34,10 +35,6 @@ def _input(layer: nn.Module, dtype: torch.dtype = torch.float64) -> torch.Tensor
     if isinstance(layer, nn.Conv1d):
         return torch.randn(2, layer.in_channels, 9, dtype=dtype)
     return torch.randn(2, layer.in_channels, 7, 7, dtype=dtype)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
 
 
 def _params(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -73,11 +70,11 @@ def test_lycoris_tensors_match_lycoris_forward(kind: str, alpha: float, mult: fl
     assert set(sd) == {*NAMES, "alpha"}
     if isinstance(alpha, int):
         assert sd["alpha"].dtype == torch.int64  # LyCORIS keeps a Python int as int64
-    assert _rel(_rebuild(x, layer, sd, mult), expected) < 1e-12
-    assert _rel(_bypass(x, layer, sd, mult), expected) < 1e-12
+    assert rel_err(_rebuild(x, layer, sd, mult), expected) < 1e-12
+    assert rel_err(_bypass(x, layer, sd, mult), expected) < 1e-12
     if kind != "dilated":  # LyCORIS's bypass drops the dilation in b2 (see glora.py)
         ref.bypass_mode = True
-        assert _rel(ref(x), expected) < 1e-12
+        assert rel_err(ref(x), expected) < 1e-12
 
 
 def test_lycoris_bypass_ignores_dilation() -> None:
@@ -89,7 +86,7 @@ def test_lycoris_bypass_ignores_dilation() -> None:
     with pytest.raises(RuntimeError):  # shapes no longer add up: b2 ran without dilation
         ref(x)
     sd = {k: v.detach().clone() for k, v in ref.state_dict().items()}
-    assert _rel(_bypass(x, layer, sd, 1.0), rebuild) < 1e-12
+    assert rel_err(_bypass(x, layer, sd, 1.0), rebuild) < 1e-12
 
 
 def test_lycoris_fp32() -> None:
@@ -98,8 +95,8 @@ def test_lycoris_fp32() -> None:
     x = _input(layer, torch.float32)
     sd = {k: v.detach().clone() for k, v in ref.state_dict().items()}
     expected = ref(x)
-    assert _rel(_rebuild(x, layer, sd, 1.0), expected) < 1e-5
-    assert _rel(_bypass(x, layer, sd, 1.0), expected) < 1e-5
+    assert rel_err(_rebuild(x, layer, sd, 1.0), expected) < 1e-5
+    assert rel_err(_bypass(x, layer, sd, 1.0), expected) < 1e-5
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv3x3", "conv1d"])
@@ -116,8 +113,8 @@ def test_our_tensors_load_into_lycoris(kind: str) -> None:
     ref.multiplier = 0.7
     x = _input(layer)
     expected = ref(x)
-    assert _rel(_rebuild(x, layer, t, 0.7), expected) < 1e-12
-    assert _rel(_bypass(x, layer, t, 0.7), expected) < 1e-12
+    assert rel_err(_rebuild(x, layer, t, 0.7), expected) < 1e-12
+    assert rel_err(_bypass(x, layer, t, 0.7), expected) < 1e-12
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv3x3", "conv1x1", "conv1d", "dilated"])
@@ -131,7 +128,7 @@ def test_bypass_equals_rebuild(kind: str) -> None:
     w, b = _params(layer)
     for mult in (0.0, 0.5, 1.0):
         rebuild, bypass = _rebuild(x, layer, t, mult), _bypass(x, layer, t, mult)
-        assert _rel(bypass, rebuild) < 1e-12
+        assert rel_err(bypass, rebuild) < 1e-12
         if mult == 0:
             mw, mb = ALGO.merge(w, b, t, info, 0.0)
             assert torch.equal(mw, w)
@@ -160,8 +157,8 @@ def test_delta_formula_and_scale() -> None:
     assert ALGO.rank(t) == 3
     assert ALGO.scale(t) == pytest.approx(2 / 3)
     expected = (2 / 3) * (w @ (a1 @ a2) + b1 @ b2)
-    assert _rel(ALGO.delta_weight(t, LayerInfo.linear(5, 6), w), expected) < 1e-13
-    assert _rel(glora_delta(w, a1, a2, b1, b2, 1.0), w @ a1 @ a2 + b1 @ b2) < 1e-13
+    assert rel_err(ALGO.delta_weight(t, LayerInfo.linear(5, 6), w), expected) < 1e-13
+    assert rel_err(glora_delta(w, a1, a2, b1, b2, 1.0), w @ a1 @ a2 + b1 @ b2) < 1e-13
     assert ALGO.describe(t) == {"algo": "glora", "rank": 3, "alpha": 2.0}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from checks import rel_err
 from lycoris.modules import IA3Module
 from torch import nn
 
@@ -33,10 +34,6 @@ def _input(layer: nn.Module) -> torch.Tensor:
     return torch.randn(2, layer.in_channels, 7, 7, dtype=torch.float64)
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
-
-
 def _ours(x: torch.Tensor, layer: nn.Module, t: dict[str, torch.Tensor], mult: float) -> torch.Tensor:
     info = LayerInfo.from_module(layer)
     w, b = ALGO.merge(layer.weight.detach(), None if layer.bias is None else layer.bias.detach(), t, info, mult)
@@ -57,12 +54,12 @@ def test_lycoris_tensors_match_lycoris_forward(kind: str, on_input: bool, mult: 
     sd = {k: v.detach().clone() for k, v in ref.state_dict().items()}
     assert set(sd) == {"weight", "on_input"}
     assert sd["on_input"].dtype == torch.int64
-    assert _rel(_ours(x, layer, sd, mult), expected) < 1e-12
+    assert rel_err(_ours(x, layer, sd, mult), expected) < 1e-12
     # and through our bypass path
     info = LayerInfo.from_module(layer)
     base = layer(x)
     got = ALGO.bypass(x, base, sd, info, mult, base_weight=layer.weight.detach(), base_bias=layer.bias.detach())
-    assert _rel(got, expected) < 1e-12
+    assert rel_err(got, expected) < 1e-12
 
 
 @pytest.mark.parametrize("on_input", [False, True])
@@ -77,7 +74,7 @@ def test_our_tensors_load_into_lycoris(kind: str, on_input: bool) -> None:
     ref.load_state_dict(t)
     ref.bypass_mode = False
     x = _input(layer)
-    assert _rel(_ours(x, layer, t, 0.7), ref(x)) < 1e-12
+    assert rel_err(_ours(x, layer, t, 0.7), ref(x)) < 1e-12
 
 
 @pytest.mark.parametrize("on_input", [False, True])
@@ -92,9 +89,9 @@ def test_lycoris_bypass_scales_bias_ours_does_not(on_input: bool) -> None:
         sd = {k: v.detach().clone() for k, v in ref.state_dict().items()}
         ours = _ours(x, layer, sd, 1.0)
         differs = bias and not on_input
-        assert (_rel(ours, ref(x)) > 1e-3) == differs
+        assert (rel_err(ours, ref(x)) > 1e-3) == differs
         if differs:  # LyCORIS: (Wx + b)(1+w); ours: Wx(1+w) + b
-            assert _rel(ours + layer.bias.detach() * sd["weight"], ref(x)) < 1e-12
+            assert rel_err(ours + layer.bias.detach() * sd["weight"], ref(x)) < 1e-12
 
 
 @pytest.mark.parametrize("on_input", [False, True])
@@ -113,9 +110,9 @@ def test_bypass_equals_rebuild(kind: str, on_input: bool) -> None:
         mw, mb = ALGO.merge(w, b, t, info, mult)
         rebuild = info.forward(x, mw, mb)
         bypass = ALGO.bypass(x, base, t, info, mult, base_weight=w, base_bias=b)
-        assert _rel(bypass, rebuild) < 1e-12
+        assert rel_err(bypass, rebuild) < 1e-12
         # delta_weight is the additive form of the same merge
-        assert _rel(w + mult * ALGO.delta_weight(t, info, w), mw) < 1e-14 or mult == 0
+        assert rel_err(w + mult * ALGO.delta_weight(t, info, w), mw) < 1e-14 or mult == 0
         if mult == 0:
             assert torch.equal(mw, w)
             assert mb is b
@@ -129,7 +126,7 @@ def test_grouped_input_side_scales_input_channels() -> None:
     x = _input(layer)
     mw, _ = ALGO.merge(layer.weight.detach(), None, t, info, 0.5)
     expected = layer(x * (1 + 0.5 * t["weight"]))
-    assert _rel(info.forward(x, mw), expected) < 1e-12
+    assert rel_err(info.forward(x, mw), expected) < 1e-12
 
 
 def test_spec_shapes() -> None:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from checks import rel_err
 from lycoris.modules.loha import LohaModule
 from torch import nn
 
@@ -34,8 +35,6 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], bool]] = {
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def make_case(name: str, dtype: torch.dtype = F64) -> tuple[nn.Module, torch.Tensor, LayerInfo, bool]:

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from checks import rel_err
 from lycoris.modules.locon import LoConModule
 from torch import nn
 
@@ -36,10 +37,6 @@ def _lycoris_tensors(mod: LoConModule) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in mod.custom_state_dict().items()}
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
-
-
 @pytest.mark.parametrize("kind", list(LAYERS))
 @pytest.mark.parametrize(("tucker", "rs", "alpha"), [(False, False, 1.0), (True, False, 2.0), (False, True, 4.0)])
 @pytest.mark.parametrize("mu", [1.0, 0.6])
@@ -56,9 +53,9 @@ def test_lycoris_file_gives_lycoris_forward(kind: str, tucker: bool, rs: bool, a
     layer = LayerInfo.from_module(base)
     ref.restore()
     w, b = LORA.merge(base.weight.detach(), base.bias.detach() if base.bias is not None else None, t, layer, mu)
-    assert _rel(layer.forward(x, w, b), expected) < 1e-5
+    assert rel_err(layer.forward(x, w, b), expected) < 1e-5
     bypass = LORA.bypass(x, base(x), t, layer, mu)
-    assert _rel(bypass, expected) < 1e-5
+    assert rel_err(bypass, expected) < 1e-5
 
 
 @pytest.mark.parametrize("kind", list(LAYERS))
@@ -76,7 +73,7 @@ def test_lyco_tensors_load_into_lycoris(kind: str, tucker: bool) -> None:
     expected = base(x)
     ref.restore()
     got = LORA.bypass(x, base(x), t, layer, 1.0)
-    assert _rel(got, expected) < 1e-5
+    assert rel_err(got, expected) < 1e-5
 
 
 def test_rs_lora_alpha_storage_matches_spec() -> None:
@@ -95,7 +92,7 @@ def test_bypass_equals_rebuild(kind: str, mu: float) -> None:
     x = torch.randn(*INPUTS[kind])
     bias = base.bias.detach() if base.bias is not None else None
     w, b = LORA.merge(base.weight.detach(), bias, t, layer, mu)
-    assert _rel(LORA.bypass(x, base(x), t, layer, mu), layer.forward(x, w, b)) < 1e-5
+    assert rel_err(LORA.bypass(x, base(x), t, layer, mu), layer.forward(x, w, b)) < 1e-5
     if mu == 0.0:
         assert torch.equal(w, base.weight.detach())
 

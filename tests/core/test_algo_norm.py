@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from checks import rel_err
 from lycoris.modules import NormModule
 from torch import nn
 
@@ -36,10 +37,6 @@ def _norm_op(layer: nn.Module, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor
     return F.group_norm(x, layer.num_groups, w, b, layer.eps)
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
-
-
 def _ours(layer: nn.Module, x: torch.Tensor, t: dict, mult: float) -> torch.Tensor:
     info = LayerInfo.from_module(layer)
     w, b = ALGO.merge(layer.weight.detach(), layer.bias.detach(), t, info, mult)
@@ -60,8 +57,8 @@ def test_lycoris_tensors_match_lycoris_forward(kind: str, mult: float) -> None:
     assert set(sd) == {"w_norm", "b_norm"}
     w, b = layer.weight.detach(), layer.bias.detach()
     expected = _norm_op(layer, x, w + mult * sd["w_norm"], b + mult * sd["b_norm"])
-    assert _rel(got_ref, expected) < 1e-12  # LyCORIS's forward is the affine merge
-    assert _rel(_ours(layer, x, sd, mult), expected) < 1e-14
+    assert rel_err(got_ref, expected) < 1e-12  # LyCORIS's forward is the affine merge
+    assert rel_err(_ours(layer, x, sd, mult), expected) < 1e-14
     ALGO.validate(sd, LayerInfo.from_module(layer), "k")
 
 
@@ -77,7 +74,7 @@ def test_our_tensors_load_into_lycoris(kind: str) -> None:
         ref = NormModule.make_module_from_state_dict("k", layer, t["w_norm"], t["b_norm"]).double()
     ref.multiplier = 0.7
     x = _input(kind)
-    assert _rel(_ours(layer, x, t, 0.7), ref(x)) < 1e-12
+    assert rel_err(_ours(layer, x, t, 0.7), ref(x)) < 1e-12
 
 
 def test_multiplier_zero_and_missing_bias() -> None:

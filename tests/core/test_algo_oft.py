@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from checks import make_input, rel_err, state_dict_copy
 from lycoris.modules.diag_oft import DiagOFTModule
 from torch import nn
 
@@ -28,18 +29,6 @@ VARIANTS = [(0.0, False), (0.01, True), (0.01, False), (100.0, True)]
 CASES = [(n, c, r) for n in LAYERS for c, r in VARIANTS if n != "linear320x1024" or (c, r) == (0.01, True)]
 
 
-def make_input(layer: nn.Module) -> torch.Tensor:
-    if isinstance(layer, nn.Linear):
-        return torch.randn(2, 5, layer.in_features)
-    if isinstance(layer, nn.Conv1d):
-        return torch.randn(2, layer.in_channels, 10)
-    return torch.randn(2, layer.in_channels, 6, 6)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
 def lyco_module(layer: nn.Module, c: float, rescaled: bool, mult: float = 1.0, dim: int = 4) -> DiagOFTModule:
     m = DiagOFTModule("k", layer, mult, lora_dim=dim, constraint=c, rescaled=rescaled)
     with torch.no_grad():
@@ -47,10 +36,6 @@ def lyco_module(layer: nn.Module, c: float, rescaled: bool, mult: float = 1.0, d
         if rescaled:
             m.rescale.normal_(1, 0.2)
     return m
-
-
-def sd_of(m: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
 def our_forward(layer: nn.Module, t: dict[str, torch.Tensor], x: torch.Tensor, mu: float = 1.0) -> torch.Tensor:
@@ -99,7 +84,7 @@ def test_block_size_follows_factorize() -> None:
 def test_lycoris_tensors_match_lycoris_forward(name: str, c: float, rescaled: bool) -> None:
     layer = LAYERS[name]()
     m = lyco_module(layer, c, rescaled)
-    t = sd_of(m)
+    t = state_dict_copy(m)
     assert set(t) == {"oft_blocks", "alpha", *(["rescale"] if rescaled else [])}
     info = LayerInfo.from_module(layer)
     q = t["oft_blocks"] - t["oft_blocks"].transpose(1, 2)
@@ -113,11 +98,11 @@ def test_lycoris_tensors_match_lycoris_forward(name: str, c: float, rescaled: bo
         ours = our_forward(layer, t, x)
         byp = ALGO.bypass(x, layer(x), t, info, 1.0, base_weight=layer.weight.detach(), base_bias=layer.bias.detach())
         dw_ref, _ = m.get_diff_weight(1.0)
-    assert rel(ours, ref) <= 1e-5
-    assert rel(byp, ref) <= 1e-5
+    assert rel_err(ours, ref) <= 1e-5
+    assert rel_err(byp, ref) <= 1e-5
     dw = ALGO.delta_weight(t, info, layer.weight.detach())
     assert dw.shape == layer.weight.shape
-    assert rel(dw, dw_ref) <= 1e-5
+    assert rel_err(dw, dw_ref) <= 1e-5
 
 
 @pytest.mark.parametrize("name", ["linear64", "conv3x3", "linear320x1024"])
@@ -131,7 +116,7 @@ def test_our_init_loaded_into_lycoris(name: str) -> None:
     m.load_state_dict(t)
     x = make_input(layer)
     with torch.no_grad():
-        assert rel(our_forward(layer, t, x), m(x)) <= 1e-5
+        assert rel_err(our_forward(layer, t, x), m(x)) <= 1e-5
 
 
 @pytest.mark.parametrize("name", ["linear64", "conv3x3", "conv1x1"])
@@ -141,21 +126,21 @@ def test_multiplier_half(name: str) -> None:
     # without rescale Lyco and LyCORIS interpolate R the same way
     m = lyco_module(layer, 0.01, False, mult=0.5)
     with torch.no_grad():
-        assert rel(our_forward(layer, sd_of(m), x, 0.5), m(x)) <= 1e-5
+        assert rel_err(our_forward(layer, state_dict_copy(m), x, 0.5), m(x)) <= 1e-5
     # with rescale Lyco also interpolates it: equal to LyCORIS with rescale' = 0.5·rescale + 0.5
     m = lyco_module(layer, 0.01, True, mult=0.5)
-    t = sd_of(m)
+    t = state_dict_copy(m)
     with torch.no_grad():
         m.rescale.mul_(0.5).add_(0.5)
         ref = m(x)
-    assert rel(our_forward(layer, t, x, 0.5), ref) <= 1e-5
+    assert rel_err(our_forward(layer, t, x, 0.5), ref) <= 1e-5
 
 
 def test_grouped_conv_matches_lycoris() -> None:
     for groups in (2, 32):  # blocks inside one group / blocks straddling groups
         layer = nn.Conv2d(64, 64, 3, padding=1, groups=groups)
         m = lyco_module(layer, 0.0, True)
-        t = sd_of(m)
+        t = state_dict_copy(m)
         info = LayerInfo.from_module(layer)
         x = make_input(layer)
         with torch.no_grad():
@@ -163,8 +148,8 @@ def test_grouped_conv_matches_lycoris() -> None:
             byp = ALGO.bypass(
                 x, layer(x), t, info, 1.0, base_weight=layer.weight.detach(), base_bias=layer.bias.detach()
             )
-        assert rel(our_forward(layer, t, x), ref) <= 1e-5
-        assert rel(byp, ref) <= 1e-5
+        assert rel_err(our_forward(layer, t, x), ref) <= 1e-5
+        assert rel_err(byp, ref) <= 1e-5
 
 
 # ------------------------------------------------------------------------------------------------- Lyco contract
@@ -193,12 +178,12 @@ def test_bypass_equals_rebuild(name: str, mu: float, c: float, rescaled: bool) -
     base_out = info.forward(x, w, b)
     byp = ALGO.bypass(x, base_out, t, info, mu, base_weight=w, base_bias=b)
     assert byp.dtype == torch.float64
-    assert rel(byp, rebuilt) <= 1e-12
+    assert rel_err(byp, rebuilt) <= 1e-12
     if mu == 0.0:
         assert torch.equal(new_w, w)
         assert torch.equal(byp, base_out)
     else:
-        assert rel(new_w, w) > 1e-3  # the adapter does something
+        assert rel_err(new_w, w) > 1e-3  # the adapter does something
 
 
 def test_bypass_unbatched_conv_and_low_precision() -> None:
@@ -208,12 +193,12 @@ def test_bypass_unbatched_conv_and_low_precision() -> None:
     w, b = layer.weight.detach(), layer.bias.detach()
     x = torch.randn(16, 5, 5)  # unbatched input: channel axis 0
     rebuilt = info.forward(x, *ALGO.merge(w, b, t, info, 0.7))
-    assert rel(ALGO.bypass(x, info.forward(x, w, b), t, info, 0.7, base_weight=w, base_bias=b), rebuilt) <= 1e-5
+    assert rel_err(ALGO.bypass(x, info.forward(x, w, b), t, info, 0.7, base_weight=w, base_bias=b), rebuilt) <= 1e-5
     # bf16 weights: Cayley in fp32, results come back in bf16
     wb, bb = w.bfloat16(), b.bfloat16()
     new_w, _ = ALGO.merge(wb, bb, t, info, 1.0)
     assert new_w.dtype == torch.bfloat16
-    assert rel(new_w.float(), ALGO.merge(w, b, t, info, 1.0)[0]) <= 1e-2
+    assert rel_err(new_w.float(), ALGO.merge(w, b, t, info, 1.0)[0]) <= 1e-2
     # float64 weights with float32 blocks: everything runs in float64
     t64 = {k: v.double() for k, v in t.items()}
     assert torch.equal(ALGO.merge(w.double(), None, t, info, 0.7)[0], ALGO.merge(w.double(), None, t64, info, 0.7)[0])

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from checks import rel_err
 from lycoris.kohya import LycorisNetworkKohya, create_network, create_network_from_weights
 from lycoris.utils.preset import read_preset
 from tiny_sd import tiny_clip_text_with_projection, tiny_sd1_unet
@@ -81,10 +82,6 @@ def _randomise(params: Any) -> None:
                 p.copy_(torch.randn_like(p) * 0.05 + (p if p.ndim and p.abs().mean() > 0.5 else 0))
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
 def _lyco_opts(opts: dict[str, Any]) -> dict[str, Any]:
     out = {"dim": 4, "alpha": 1.0, **opts}
     return out
@@ -118,11 +115,11 @@ def test_lycoris_file_loads_in_lyco(variant: str, tmp_path: Path, lycoris_preset
     assert len(lyco) == len(net.unet_loras) + len(net.text_encoder_loras)
     lyco.apply()
     got = _run(unet2, te2)
-    assert _rel(got, expected) < 1e-5, "forward differs"
-    assert _rel(expected, base) > 1e-4, "the adapter must change the output for this test to mean anything"
+    assert rel_err(got, expected) < 1e-5, "forward differs"
+    assert rel_err(expected, base) > 1e-4, "the adapter must change the output for this test to mean anything"
     lyco.restore()
     lyco.merge()
-    assert _rel(_run(unet2, te2), expected) < 1e-5, "merged weights differ"
+    assert rel_err(_run(unet2, te2), expected) < 1e-5, "merged weights differ"
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -148,4 +145,4 @@ def test_lyco_file_loads_in_lycoris(
     ref, _ = create_network_from_weights(1.0, str(path), None, te2, unet2, for_inference=True)
     assert len(ref.unet_loras) + len(ref.text_encoder_loras) == len(net)
     ref.apply_to(te2, unet2, True, True)
-    assert _rel(_run(unet2, te2), expected) < 1e-5
+    assert rel_err(_run(unet2, te2), expected) < 1e-5

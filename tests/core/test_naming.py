@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import pytest
 import torch
+from tiny_sd import naming_sd1_unet, naming_sdxl_unet
 
 from lyco_core.errors import InvalidConfigError, UnknownFormatError
 from lyco_core.formats.naming import (
@@ -31,37 +32,6 @@ RANK = 2
 ALPHA = 1.0  # one alpha for all: diffusers 0.42 drops per-module alphas of attention processors (see report)
 
 
-def tiny_sd1_unet() -> torch.nn.Module:
-    return diffusers.UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=32,
-        norm_num_groups=8,
-        attention_head_dim=8,
-    )
-
-
-def tiny_sdxl_unet() -> torch.nn.Module:
-    return diffusers.UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 2),
-        cross_attention_dim=32,
-        norm_num_groups=8,
-        attention_head_dim=8,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=32 + 6 * 8,
-    )
-
-
 def tiny_clip_config() -> transformers.CLIPTextConfig:
     return transformers.CLIPTextConfig(
         hidden_size=16,
@@ -80,13 +50,13 @@ def tiny_clip_config() -> transformers.CLIPTextConfig:
 @pytest.fixture(scope="module")
 def sd1_unet() -> torch.nn.Module:
     torch.manual_seed(0)
-    return tiny_sd1_unet()
+    return naming_sd1_unet()
 
 
 @pytest.fixture(scope="module")
 def sdxl_unet() -> torch.nn.Module:
     torch.manual_seed(0)
-    return tiny_sdxl_unet()
+    return naming_sdxl_unet()
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +261,7 @@ def assert_injected(model: torch.nn.Module, factors: dict, adapter: str) -> None
 def test_diffusers_kohya_reader_maps_every_unet_key(family: str, mixin: type) -> None:
     """SD1 keys (diffusers names) and SDXL keys (LDM names) for every Linear/Conv2d, conv ones included."""
     torch.manual_seed(1)
-    unet = tiny_sd1_unet() if family == "sd1" else tiny_sdxl_unet()
+    unet = naming_sd1_unet() if family == "sd1" else naming_sdxl_unet()
     paths = adapted_paths(unet)
     state, factors = kohya_lora(unet, "unet", paths)
     marker = "_down_blocks_" if family == "sd1" else "_input_blocks_"

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from tiny_sd import naming_sd1_unet, naming_sdxl_unet
 
 from lyco_core.errors import InvalidConfigError, UnknownFormatError
 from lyco_core.formats.unet_naming import UNetLayout, diffusers_to_ldm, ldm_to_diffusers
@@ -16,43 +17,10 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint  # n
 LDM_PREFIX = "model.diffusion_model."
 
 
-def tiny_sd1_unet() -> torch.nn.Module:
-    """SD1 block structure (4 levels, attention in down 0-2 / up 1-3, conv proj_in) at tiny widths."""
-    return diffusers.UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=32,
-        norm_num_groups=8,
-        attention_head_dim=8,
-    )
-
-
-def tiny_sdxl_unet() -> torch.nn.Module:
-    """SDXL block structure (3 levels, attention in down 1-2 / up 0-1, depths 1/2/2, text_time embedding)."""
-    return diffusers.UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 2),
-        cross_attention_dim=32,
-        norm_num_groups=8,
-        attention_head_dim=8,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=32 + 6 * 8,
-    )
-
-
 @pytest.fixture(scope="module", params=["sd1", "sdxl"])
 def unet_and_family(request: pytest.FixtureRequest) -> tuple[torch.nn.Module, str]:
     torch.manual_seed(0)
-    unet = tiny_sd1_unet() if request.param == "sd1" else tiny_sdxl_unet()
+    unet = naming_sd1_unet() if request.param == "sd1" else naming_sdxl_unet()
     return unet, request.param
 
 

@@ -46,6 +46,39 @@ def tiny_sdxl_unet() -> UNet2DConditionModel:
     ).eval()
 
 
+def naming_sd1_unet() -> UNet2DConditionModel:
+    """SD1 block structure (attention in down 0-2 / up 1-3, conv proj_in), widths 32/64: naming tests."""
+    return UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=32,
+        norm_num_groups=8,
+        attention_head_dim=8,
+    )
+
+
+def naming_sdxl_unet() -> UNet2DConditionModel:
+    """SDXL block structure (attention in down 1-2 / up 0-1, depths 1/2/2, text_time embedding): naming tests."""
+    return UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 2),
+        cross_attention_dim=32,
+        norm_num_groups=8,
+        attention_head_dim=8,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8,
+    )
+
+
 def _clip_config(hidden: int = 32, layers: int = 2) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=100,
