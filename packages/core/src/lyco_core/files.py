@@ -150,6 +150,76 @@ def save_adapter(
     return Path(path)
 
 
+def write_adapter(
+    path: str | Path,
+    modules: Mapping[str, ModuleTensors],
+    *,
+    source_header: Mapping[str, str] | None = None,
+    metadata: Any = None,
+    note: str | None = None,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write modules (from a file, or made by an operation) to ``path`` atomically, with full metadata.
+
+    Metadata: ``metadata`` (an ``AdapterMetadata`` or a dict of its fields) when given, else the Lyco metadata
+    of ``source_header`` (the input file's header) when it has some, else the family other tools' keys claim.
+    Module summaries and algorithm counts are always recomputed from ``modules``; ``note`` (what the operation
+    did) is put in front of the training comment, as sd-scripts' tools do. ``shapes`` gives the ΔW shape of
+    modules whose tensors do not imply it (e.g. (IA)³, OFT); otherwise the source's summary, else ``()``.
+    ``dtype`` casts floating tensors (alpha too, as sd-scripts does). Refuses to overwrite unless ``overwrite``.
+    """
+    from .formats.metadata import AdapterMetadata, BaseModelInfo, ModuleSummary, family_from_header, read_metadata
+    from .formats.safetensors_io import save_tensors
+
+    given: dict[str, Any]
+    old_modules: Mapping[str, ModuleSummary] = {}
+    if isinstance(metadata, AdapterMetadata):
+        given = metadata.model_dump()
+    elif metadata is not None:
+        given = dict(metadata)
+    else:
+        given = {}
+        if source_header:
+            read = read_metadata(source_header)
+            if read.lyco is not None:
+                old_modules = read.lyco.modules
+                given = read.lyco.model_dump(exclude={"created_at", "created_by"})
+            else:
+                family, _ = family_from_header(source_header)
+                given = {"base": BaseModelInfo(family=family).model_dump()}
+    summaries = {}
+    for key, m in modules.items():
+        shape = (shapes or {}).get(key) or m.algorithm.implied_weight_shape(m.tensors)
+        if shape is None:
+            shape = old_modules[key].shape if key in old_modules else ()
+        summaries[key] = ModuleSummary.from_describe(m.describe(), shape)
+    given["modules"] = summaries
+    given["algorithms"] = {}
+    if note:
+        training = dict(given.get("training") or {})
+        training["comment"] = note if not training.get("comment") else f"{note}; {training['comment']}"
+        given["training"] = training
+    meta = AdapterMetadata.model_validate(given)
+    tensors = {}
+    for key, m in modules.items():
+        for name, t in m.tensors.items():
+            t = t.detach().to("cpu")
+            cast = dtype is not None and t.is_floating_point()
+            tensors[f"{key}.{name}"] = (t.to(dtype) if cast else t).contiguous()
+    save_tensors(path, tensors, to_header_of(meta, tensors), overwrite=overwrite)
+    return Path(path)
+
+
+def to_header_of(meta: Any, tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """The safetensors header for ``tensors`` described by ``meta`` (payload hash included)."""
+    from .formats.metadata import to_header
+    from .formats.safetensors_io import payload_sha256_of
+
+    return to_header(meta, payload_sha256_of(tensors))
+
+
 def network_metadata(network: AdapterNetwork, metadata: Any = None, base_family: str | None = None) -> Any:
     """The :class:`~lyco_core.formats.metadata.AdapterMetadata` of a network: module summaries and algorithm
     counts from the modules themselves, network options from its config, the rest from ``metadata``

@@ -1,4 +1,4 @@
-"""`lyco adapter …`: operations on adapter files."""
+"""`lyco adapter inspect FILE [--json]`."""
 
 from __future__ import annotations
 
@@ -6,14 +6,10 @@ import argparse
 import json
 from typing import Any
 
-from ..files import read_adapter
+from ...files import read_adapter
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("adapter", help="inspect and transform adapter files", description=__doc__)
-    cmds = p.add_subparsers(dest="adapter_command", metavar="OPERATION")
-    p.set_defaults(func=lambda a: p.print_help() or 2)
-
+def register(cmds: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     ins = cmds.add_parser(
         "inspect",
         help="algorithms, modules, ranks, size, metadata and payload hash of an adapter file",
@@ -27,8 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def inspect_adapter(path: str) -> dict[str, Any]:
     """The facts `lyco adapter inspect` prints, as one JSON-able dict."""
-    from ..formats.metadata import read_metadata
-    from ..formats.safetensors_io import payload_sha256
+    from ...formats.metadata import read_metadata
+    from ...formats.safetensors_io import payload_sha256
 
     f = read_adapter(path)
     meta = read_metadata(f.header)
