@@ -7,6 +7,7 @@ understands. :meth:`ModuleTensors.merge` computes the new weight of one module f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,23 @@ class ModuleTensors:
 
     def describe(self) -> dict[str, Any]:
         return self.algorithm.describe(self.tensors)
+
+    def check_fits(self, weight_shape: tuple[int, ...], has_bias: bool = False, where: str | None = None) -> None:
+        """Raise :class:`IncompatibleBaseError` (naming the key) unless this module fits a layer whose weight has
+        ``weight_shape``. Shapes only (meta tensors): nothing is computed."""
+        name = f"{where}: {self.key}" if where else self.key
+        implied = self.algorithm.implied_weight_shape(self.tensors)
+        flat = (weight_shape[0], math.prod(weight_shape[1:])) if len(weight_shape) > 2 else tuple(weight_shape)
+        if implied is not None and tuple(implied) not in (tuple(weight_shape), flat):
+            raise IncompatibleBaseError(
+                f"{name}: made for a layer of shape {list(implied)}, the base layer is {list(weight_shape)}"
+            )
+        layer = LayerInfo.from_weight(weight_shape, has_bias)
+        meta = {k: v if v.ndim == 0 else v.to("meta") for k, v in self.tensors.items()}
+        try:
+            self.algorithm.validate(meta, layer, name)
+        except CorruptFileError as e:  # the tensors fit each other (checked on reading): it is the layer
+            raise IncompatibleBaseError(str(e).replace("do not fit together", "do not fit the base layer")) from None
 
 
 @dataclass

@@ -28,6 +28,7 @@ from .unet_naming import UNetLayout, diffusers_to_ldm
 
 __all__ = [
     "NAMING_RULES",
+    "PREFIX_ALIASES",
     "ROLE_PREFIX",
     "build_key_index",
     "canonical_key",
@@ -52,7 +53,7 @@ ROLE_PREFIX: Mapping[str, str] = MappingProxyType(
 )
 
 #: Prefixes consumers accept in place of a role's own one (sd-scripts/diffusers write ``lora_te1`` for SD1 too).
-_PREFIX_ALIASES: Mapping[str, tuple[str, ...]] = MappingProxyType({"lora_te": ("lora_te1",), "lora_te1": ("lora_te",)})
+PREFIX_ALIASES: Mapping[str, tuple[str, ...]] = MappingProxyType({"lora_te": ("lora_te1",), "lora_te1": ("lora_te",)})
 
 #: The generic ``create_lycoris`` prefix; it names raw module paths, with no kohya renaming.
 GENERIC_ROLE = "lycoris"
@@ -216,7 +217,7 @@ def _keys_for(component: torch.nn.Module, rule: NamingRule, role: str, path: str
     prefix = _prefix(role)
     if role == GENERIC_ROLE:
         return [module_key(prefix, path)]
-    prefixes = (prefix, *_PREFIX_ALIASES.get(prefix, ()))
+    prefixes = (prefix, *PREFIX_ALIASES.get(prefix, ()))
     paths = [p for p in rule.file_paths(component, path) if p is not None]
     keys = [module_key(pre, p) for p in paths for pre in prefixes]
     if rule.generic_alias and role == "unet":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import secrets
 import struct
@@ -501,12 +502,151 @@ def save_tensors(
         read_header(tmp)  # never publish a file this module would refuse to read
 
 
+# --------------------------------------------------------------------------------------------- streaming
+#: safetensors dtype name ↔ torch dtype, for the dtypes the streaming reader and writer handle.
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_ST_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+def st_dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype (``torch.float16`` → ``"F16"``)."""
+    try:
+        return _ST_NAMES[dtype]
+    except KeyError:
+        raise UnknownFormatError(f"dtype {dtype} cannot be written to safetensors by Lyco") from None
+
+
+class TensorReader:
+    """Reads single tensors of a validated safetensors file with plain ``pread`` calls (no memory map).
+
+    A memory map would make every page of a multi-GB checkpoint count towards the process's resident memory
+    as it is touched; reading each tensor into its own buffer keeps the peak at the tensors actually held.
+    """
+
+    def __init__(self, path: PathLike, header: SafetensorsHeader | None = None, *, check_finite: bool = False):
+        self.path = Path(path)
+        self.header = header or read_header(path)
+        self.check_finite = check_finite
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.header.tensors
+
+    def entry(self, name: str) -> TensorEntry:
+        try:
+            return self.header.tensors[name]
+        except KeyError:
+            raise NotFoundError(f"{_show(self.path)}: no tensor {name!r}") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` as a fresh CPU tensor (its own memory)."""
+        e = self.entry(name)
+        dtype = TORCH_DTYPES.get(e.dtype)
+        if dtype is None:
+            raise UnknownFormatError(f"{_show(self.path)}: tensor {name!r}: dtype {e.dtype} is not supported here")
+        buf = bytearray(e.nbytes)
+        view = memoryview(buf)
+        pos, start = 0, self.header.data_offset + e.offsets[0]
+        while pos < e.nbytes:
+            n = os.preadv(self._fd, [view[pos:]], start + pos)
+            if n <= 0:
+                raise CorruptFileError(f"{_show(self.path)}: tensor {name!r}: file ends early")
+            pos += n
+        t = torch.frombuffer(buf, dtype=torch.uint8) if e.nbytes else torch.empty(0, dtype=torch.uint8)
+        t = t.view(dtype).reshape(e.shape)
+        if self.check_finite:
+            _check_finite(t, name, _show(self.path))
+        return t
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+class StreamWriter:
+    """Writes a safetensors file one tensor at a time, to a path given by :func:`atomic_output`.
+
+    Every tensor's name, dtype and shape is declared up front (the header comes first in the format); then
+    :meth:`write` is called once per tensor in the declared order. :meth:`finish` checks that all were written.
+    """
+
+    def __init__(
+        self,
+        path: PathLike,
+        layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        doc: dict[str, Any] = {}
+        if metadata:
+            doc["__metadata__"] = dict(metadata)
+        offset = 0
+        self._order: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []
+        for name, dtype, shape in layout:
+            n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            doc[name] = {"dtype": st_dtype_name(dtype), "shape": list(shape), "data_offsets": [offset, offset + n]}
+            self._order.append((name, dtype, tuple(shape), n))
+            offset += n
+        head = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+        head += b" " * (-len(head) % 8)
+        self.path = Path(path)
+        self._f = self.path.open("wb")
+        self._f.write(struct.pack("<Q", len(head)) + head)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor; its name, dtype and shape must be the declared ones."""
+        want, dtype, shape, n = self._order[self._next]
+        if name != want or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise InvalidConfigError(
+                f"{_show(self.path)}: expected {want} {dtype} {list(shape)}, got {name} {tensor.dtype} "
+                f"{list(tensor.shape)}"
+            )
+        if n:
+            self._f.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self._next += 1
+
+    def finish(self) -> None:
+        if self._next != len(self._order):
+            raise InvalidConfigError(f"{_show(self.path)}: {len(self._order) - self._next} tensor(s) not written")
+        self._f.close()
+
+    def abort(self) -> None:
+        self._f.close()
+
+
 __all__ = [
     "DTYPE_BITS",
     "MAX_HEADER_BYTES",
+    "TORCH_DTYPES",
     "LazyTensors",
     "SafetensorsHeader",
+    "StreamWriter",
     "TensorEntry",
+    "TensorReader",
     "atomic_output",
     "atomic_write_bytes",
     "load_tensors",
@@ -514,4 +654,5 @@ __all__ = [
     "payload_sha256_of",
     "read_header",
     "save_tensors",
+    "st_dtype_name",
 ]

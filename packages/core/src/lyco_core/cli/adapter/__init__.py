@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 
-from . import inspect
+from . import bake, inspect
 
 #: Operation modules in the order ``lyco adapter --help`` lists them.
-OPERATIONS = (inspect,)
+OPERATIONS = (inspect, bake)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

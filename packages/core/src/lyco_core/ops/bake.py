@@ -1,0 +1,253 @@
+"""Bake: a base model with adapters merged into its weights, in the base's own layout, naming and dtype.
+
+The base is streamed: each output file is written tensor by tensor in the input's order (header first, see
+:class:`~lyco_core.formats.safetensors_io.StreamWriter`), reading one tensor (or one layer's weight + bias) at a
+time with plain reads, so peak memory stays near the largest layer however big the model is.
+
+Several adapters are applied in the order given, each to the weight the previous one produced — the same result
+as stacking them at run time (for additive algorithms the order does not matter). Each layer is merged in float32
+with the algorithm's exact rule (:meth:`ModuleTensors.merge`: DoRA, OFT/BOFT and (IA)³ included) and cast back to
+the base tensor's dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import BaseCheckpoint, Target, open_base
+from ..errors import FileExistsLycoError, IncompatibleBaseError, InvalidConfigError, NotFoundError
+from ..files import AdapterFile, ModuleTensors, read_adapter
+from ..formats.safetensors_io import StreamWriter, atomic_output
+from ..progress import ProgressCallback, progress
+from .report import ModuleReport, OpReport
+
+#: Header key of a baked safetensors file: JSON list of {adapter, multiplier, modules}.
+BAKED_KEY = "lyco.baked"
+
+
+@dataclass
+class _Group:
+    """Tensors that one merge step reads and writes together: a layer's weight and bias, or a fused q/k/v tensor."""
+
+    source: int
+    tensors: set[str] = field(default_factory=set)
+    steps: list[tuple[Target, ModuleTensors, float]] = field(default_factory=list)
+
+
+def _multipliers(multipliers: Sequence[float] | None, n: int) -> list[float]:
+    if multipliers is None or len(multipliers) == 0:
+        return [1.0] * n
+    if len(multipliers) == 1:
+        return [float(multipliers[0])] * n
+    if len(multipliers) != n:
+        raise InvalidConfigError(f"--multiplier: got {len(multipliers)} values for {n} adapters (give 1 or {n})")
+    return [float(m) for m in multipliers]
+
+
+def plan_bake(
+    base: BaseCheckpoint, adapters: Sequence[AdapterFile], multipliers: Sequence[float], skip_unmatched: bool
+) -> tuple[dict[str, _Group], OpReport]:
+    """Resolve every adapter module to a base layer and check it fits (shapes only), before anything is written.
+
+    Returns the merge groups keyed by ``"<source index>:<tensor name>"`` and the report so far.
+    """
+    report = OpReport(operation="bake")
+    groups: dict[str, _Group] = {}
+    for adapter, mult in zip(adapters, multipliers, strict=True):
+        where = str(adapter.path)
+        for key, module in adapter.modules.items():
+            canonical = base.resolve(key)
+            if canonical is None:
+                if not skip_unmatched:
+                    raise IncompatibleBaseError(
+                        f"{where}: module {key!r} has no layer in {base.path} (family {base.family}); "
+                        "run `lyco adapter check` to see every mismatch, or pass --skip-unmatched"
+                    )
+                report.dropped[f"{adapter.path}:{key}"] = "no such layer in the base"
+                continue
+            target = base.targets[canonical]
+            module.check_fits(target.shape, target.bias is not None, where)
+            names = {target.weight} | ({target.bias} if target.bias else set())
+            slots = [f"{target.source}:{n}" for n in names]
+            group = next((groups[s] for s in slots if s in groups), None) or _Group(target.source)
+            group.tensors |= names
+            group.steps.append((target, module, mult))
+            for s in slots:
+                groups[s] = group
+            desc = module.describe()
+            report.modules[canonical] = ModuleReport(algo=desc.get("algo"), rank=desc.get("rank"))
+    return groups, report
+
+
+def _run_group(base: BaseCheckpoint, group: _Group) -> dict[str, torch.Tensor]:
+    """Merge every step of a group; returns the new tensors in the base's dtypes."""
+    src = base.sources[group.source]
+    original = {n: src.get(n) for n in group.tensors}
+    work = {n: t.float() for n, t in original.items()}
+    for target, module, mult in group.steps:
+        w = work[target.weight]
+        b = work[target.bias] if target.bias else None
+        if target.rows is not None:
+            lo, hi = target.rows
+            new_w, new_b = module.merge(w[lo:hi], None if b is None else b[lo:hi], mult)
+            w[lo:hi] = new_w
+            if b is not None and new_b is not None:
+                b[lo:hi] = new_b
+        else:
+            new_w, new_b = module.merge(w, b, mult)
+            work[target.weight] = new_w
+            if target.bias and new_b is not None:
+                work[target.bias] = new_b
+            elif new_b is not None and b is None:
+                raise IncompatibleBaseError(
+                    f"{module.key}: the adapter changes the bias of {target.weight}, but the base layer has no bias"
+                )
+    return {n: work[n].to(original[n].dtype) for n in group.tensors}
+
+
+def _stream_file(
+    base: BaseCheckpoint,
+    index: int,
+    out: Path,
+    groups: dict[str, _Group],
+    metadata: dict[str, str],
+    tick: Callable[[str], None],
+) -> None:
+    src = base.sources[index]
+    layout = [(n, src.dtype(n), src.shape(n)) for n in src.names]
+    writer = StreamWriter(out, layout, metadata)
+    cache: dict[str, torch.Tensor] = {}
+    try:
+        for name in src.names:
+            group = groups.get(f"{index}:{name}")
+            if group is None:
+                writer.write(name, src.get(name))
+                continue
+            if name not in cache:
+                cache.update(_run_group(base, group))
+                for step in group.steps:
+                    tick(step[0].key)
+            writer.write(name, cache.pop(name))
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _baked_metadata(
+    src_meta: dict[str, str], adapters: Sequence[AdapterFile], mults: Sequence[float]
+) -> dict[str, str]:
+    meta = dict(src_meta)
+    record = [
+        {"adapter": os.path.basename(str(a.path)), "multiplier": m, "modules": len(a.modules)}
+        for a, m in zip(adapters, mults, strict=True)
+    ]
+    meta[BAKED_KEY] = json.dumps(record)
+    return meta
+
+
+def _replace_dir(tmp: Path, target: Path, overwrite: bool) -> None:
+    """Move a finished temporary folder onto ``target``; an old ``target`` is removed only after the move."""
+    if target.exists():
+        if not overwrite:
+            raise FileExistsLycoError(f"{target} exists; pass overwrite/--force")
+        old = target.with_name(f".{target.name}.{secrets.token_hex(4)}.old")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def bake(
+    base_path: str | Path,
+    adapter_paths: Sequence[str | Path],
+    output: str | Path,
+    *,
+    multipliers: Sequence[float] | None = None,
+    skip_unmatched: bool = False,
+    overwrite: bool = False,
+    progress_callback: ProgressCallback | None = None,
+) -> OpReport:
+    """Merge adapters into a base model and write it to ``output`` in the base's layout, naming and dtype.
+
+    ``base_path``: a diffusers folder (``output`` is then a folder: weight files rewritten, every other file
+    copied), a diffusers-named safetensors state dict or an LDM single file (``output`` is a ``.safetensors``
+    file; a ``.ckpt`` base is written as safetensors with the same tensor names). ``multipliers``: one per adapter,
+    or one for all (default 1). Every adapter module must resolve to a base layer and fit its shape; with
+    ``skip_unmatched`` the ones that do not are listed in ``report.dropped`` instead. Nothing is written until
+    all of that is checked, and the output appears atomically.
+    """
+    if not adapter_paths:
+        raise InvalidConfigError("bake: give at least one adapter file")
+    out = Path(output)
+    if out.exists() and not overwrite:
+        raise FileExistsLycoError(f"{out} exists; pass overwrite/--force")
+    mults = _multipliers(multipliers, len(adapter_paths))
+    adapters = [read_adapter(p) for p in adapter_paths]
+    with open_base(base_path) as base:
+        groups, report = plan_bake(base, adapters, mults, skip_unmatched)
+        report.output = str(out)
+        for a in adapters:
+            if a.unknown_tensors:
+                report.warnings.append(f"{a.path}: {len(a.unknown_tensors)} tensor(s) no algorithm uses were ignored")
+        n_steps = sum(len(a.modules) for a in adapters) - len(report.dropped)
+        bar = iter(progress(range(n_steps), n_steps, "bake", "modules", progress_callback))
+
+        def tick(_key: str) -> None:
+            next(bar, None)
+
+        if base.kind == "diffusers-folder":
+            _bake_folder(base, out, groups, adapters, mults, overwrite, tick)
+        else:
+            if out.suffix.lower() != ".safetensors":
+                raise InvalidConfigError(f"{out}: a baked single-file model is written as .safetensors")
+            src_meta = base.sources[0].metadata
+            with atomic_output(out, overwrite) as tmp:
+                _stream_file(base, 0, tmp, groups, _baked_metadata(src_meta, adapters, mults), tick)
+        for _ in bar:
+            pass
+    return report
+
+
+def _bake_folder(
+    base: BaseCheckpoint,
+    out: Path,
+    groups: dict[str, _Group],
+    adapters: Sequence[AdapterFile],
+    mults: Sequence[float],
+    overwrite: bool,
+    tick: Callable[[str], None],
+) -> None:
+    if not out.parent.is_dir():
+        raise NotFoundError(f"{out}: directory {out.parent} does not exist")
+    tmp = out.with_name(f".{out.name}.{secrets.token_hex(6)}.tmp")
+    rewritten = {s.path.resolve(): i for i, s in enumerate(base.sources)}
+    try:
+        for root, _dirs, files in os.walk(base.path):
+            rel = Path(root).relative_to(base.path)
+            (tmp / rel).mkdir(parents=True, exist_ok=True)
+            for f in files:
+                src_file = Path(root) / f
+                dst = tmp / rel / f
+                index = rewritten.get(src_file.resolve())
+                if index is None:
+                    shutil.copy2(src_file, dst)
+                else:
+                    meta = _baked_metadata(base.sources[index].metadata, adapters, mults)
+                    _stream_file(base, index, dst, groups, meta, tick)
+        _replace_dir(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+__all__ = ["BAKED_KEY", "bake", "plan_bake"]
