@@ -1,7 +1,6 @@
-"""The core demo (`make demo`): build a small SD-style model, attach a LoKr adapter, train it a few steps,
-save it, inspect it with the CLI, bake it into the UNet weights, and check the baked model.
-
-Everything is built from configs; nothing is downloaded.
+"""The core demo (`make demo`): build a small SD-style model and save it as a diffusers folder, attach a LoKr
+adapter, train it a few steps, save it, then use the file operations on it: inspect, check against the base,
+bake into the base folder (and compare the baked model with the adapter attached), extract a LoCon back.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
-from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 import lyco_core as lc
@@ -51,10 +49,15 @@ def main() -> int:
     t0 = time.perf_counter()
 
     unet, te = build_models()
+    base = out / "base_pipeline"
+    if not base.exists():  # the base model as users have it on disk: a diffusers folder
+        unet.save_pretrained(base / "unet")
+        te.save_pretrained(base / "text_encoder")
+        (base / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     for p in [*unet.parameters(), *te.parameters()]:
         p.requires_grad_(False)
     net = lc.create_network({"unet": unet, "te": te}, algo="lokr", preset="full", dim=100000, factor=4)
-    print(f"[1/5] LoKr network: {len(net)} modules, {sum(p.numel() for p in net.trainable_parameters()):,} "
+    print(f"[1/6] LoKr network: {len(net)} modules, {sum(p.numel() for p in net.trainable_parameters()):,} "
           f"trainable parameters")
 
     net.apply()
@@ -75,29 +78,38 @@ def main() -> int:
 
     adapter = out / "demo_lokr.safetensors"
     net.save(adapter, base_family="sd1", overwrite=True)
-    print(f"[2/5] saved {adapter}")
+    print(f"[2/6] saved {adapter}")
 
-    print("[3/5] lyco adapter inspect:")
-    lyco = Path(sys.executable).with_name("lyco")
-    subprocess.run([str(lyco), "adapter", "inspect", str(adapter)], check=True)
+    lyco = str(Path(sys.executable).with_name("lyco"))
+    print("[3/6] lyco adapter inspect:")
+    subprocess.run([lyco, "adapter", "inspect", str(adapter)], check=True)
+    print("[4/6] lyco adapter check (does it fit the base on disk?):")
+    subprocess.run([lyco, "adapter", "check", str(adapter), "--base", str(base)], check=True)
 
     with torch.no_grad():
         cond = te(tokens).last_hidden_state
         y_adapter = unet(latents, torch.tensor([500, 700]), encoder_hidden_states=cond).sample
     net.restore()
 
-    unet2, te2 = build_models()
-    net2, report = lc.load_network(adapter, {"unet": unet2, "te": te2})
-    net2.merge()
-    baked = out / "demo_unet_baked.safetensors"
-    save_file({k: v.contiguous() for k, v in unet2.state_dict().items()}, str(baked))
-    print(f"[4/5] baked {len(report.loaded)} modules into the UNet and TE weights; UNet saved to {baked}")
-
+    baked = out / "baked_pipeline"
+    print("[5/6] lyco adapter bake (streamed, keeps the diffusers layout):")
+    subprocess.run([lyco, "adapter", "bake", str(base), str(adapter), "-o", str(baked), "--force"], check=True)
+    unet2 = UNet2DConditionModel.from_pretrained(baked / "unet").eval()
+    te2 = CLIPTextModelWithProjection.from_pretrained(baked / "text_encoder").eval()
     with torch.no_grad():
         cond2 = te2(tokens).last_hidden_state
         y_baked = unet2(latents, torch.tensor([500, 700]), encoder_hidden_states=cond2).sample
     err = float((y_baked - y_adapter).abs().max())
-    print(f"[5/5] baked model vs model with adapter attached: max |Δ| = {err:.2e}")
+    print(f"      baked model vs model with adapter attached: max |Δ| = {err:.2e}")
+
+    print("[6/6] lyco adapter extract (a rank-8 LoCon back from base vs baked):")
+    extracted = out / "extracted_locon.safetensors"
+    subprocess.run(
+        [lyco, "adapter", "extract", str(base), str(baked), "-o", str(extracted), "--rank", "8", "--conv-rank", "8",
+         "--force"],
+        check=True,
+    )
+    print("      (a full-dimension LoKr is far from low rank: that is the best rank-8 approximation's error)")
     print(f"done in {time.perf_counter() - t0:.1f} s; outputs in {out}/")
     return 0 if err < 1e-4 else 1
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 
-from . import bake, inspect
+from . import bake, check, convert, extract, inspect, rescale
 
 #: Operation modules in the order ``lyco adapter --help`` lists them.
-OPERATIONS = (inspect, bake)
+OPERATIONS = (inspect, bake, rescale, convert, extract, check)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
