@@ -55,6 +55,11 @@ class ModuleTensors:
     def describe(self) -> dict[str, Any]:
         return self.algorithm.describe(self.tensors)
 
+    @property
+    def needs_base(self) -> bool:
+        """Whether ΔW depends on the base weight: DoRA, (IA)³, OFT/BOFT, GLoRA (non-additive or base-reading)."""
+        return self.algorithm.needs_base_weight or not self.algorithm.additive or "dora_scale" in self.tensors
+
     def check_fits(self, weight_shape: tuple[int, ...], has_bias: bool = False, where: str | None = None) -> None:
         """Raise :class:`IncompatibleBaseError` (naming the key) unless this module fits a layer whose weight has
         ``weight_shape``. Shapes only (meta tensors): nothing is computed."""

@@ -405,14 +405,10 @@ def _describe(m: ModuleTensors) -> str:
     return f"{name} with DoRA" if "dora_scale" in m.tensors else name
 
 
-def _needs_base(m: ModuleTensors) -> bool:
-    return m.algorithm.needs_base_weight or not m.algorithm.additive or "dora_scale" in m.tensors
-
-
 def _exact_change(run: _Run, it: _Item) -> tuple[torch.Tensor, torch.Tensor | None]:
     """ΔW = W' − W (float32, the layer's weight shape) and Δb (or None) of one module at multiplier 1."""
     m = it.module
-    if _needs_base(m):
+    if m.needs_base:
         w, b = _base_weight(run, it, f"the weight change of this {_describe(m)} module")
         new_w, new_b = m.merge(w, b)
         db = None if new_b is None else new_b - (b if b is not None else torch.zeros_like(new_b))
@@ -624,7 +620,7 @@ def _check_peft(items: list[_Item], run: _Run) -> None:
     if bad:
         kinds = sorted({_describe(it.module) + (" (Tucker)" if "lora_mid.weight" in it.module.tensors else "")
                         + (" (input axis)" if "dora_scale" in it.module.tensors else "") for it in bad})
-        needs_base = any(_needs_base(it.module) for it in bad)
+        needs_base = any(it.module.needs_base for it in bad)
         raise InvalidConfigError(
             f"{run.path}: --to {run.to} holds only LoRA/LoCon (DoRA on the output axis), and {len(bad)} module(s) are "
             f"{', '.join(kinds)} (first: {bad[0].key}); add --algo lora --rank R" + (" --base BASE" if needs_base

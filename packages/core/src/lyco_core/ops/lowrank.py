@@ -11,10 +11,11 @@ Shared by ``extract``, ``resize``, ``merge --rank`` and ``convert --algo lora``.
 * :func:`lowrank_svd` is the SVD behind it: full LAPACK SVD or a seeded randomized SVD (Halko, Martinsson and
   Tropp 2011, the algorithm of ``torch.svd_lowrank``, with oversampling and power iterations).
 
-Everything is computed in float32 on the input's device.
+Everything is computed in float32 on the input's device (norms for the errors are accumulated in float64).
 
-When ``method="auto"`` picks the randomized SVD (measured on the 2-core CPU this was developed on, torch 2.13 with
-MKL, float32, 16 extra samples, 4 power iterations, trained-like σᵢ ∝ i^-0.7 spectra; best of 5):
+When ``method="auto"`` picks the randomized SVD (measured on the shared 2-core CPU this was developed on, torch 2.13
+with MKL, float32, 16 extra samples, 4 power iterations, trained-like σᵢ ∝ (1+i)^-0.7 spectra; times include
+building the factors and the error, and vary up to ~2× between runs on that machine):
 
 =============  ====  ===========  ===========  =========================================
 matrix         rank  full SVD     randomized   randomized error / Eckart–Young optimum

@@ -27,21 +27,16 @@ change one of the two).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from ..checkpoint.weights import BaseLike, WeightAndBias, base_getter
 from ..errors import FileExistsLycoError, IncompatibleBaseError, InvalidConfigError, UnsupportedLayerError
 from ..files import ModuleTensors, read_adapter, write_adapter
 from ..progress import ProgressCallback, progress
 from .report import ModuleReport, OpReport
-
-WeightAndBias = tuple[torch.Tensor, torch.Tensor | None]
-#: what ``base`` may be: a path (opened with :func:`lyco_core.checkpoint.open_base`), key → (W, b) as a callable
-#: or a mapping, or an object with ``.weight(key)`` and optionally ``.resolve(key)`` (a ``BaseCheckpoint``)
-BaseLike = str | Path | Callable[[str], WeightAndBias] | Mapping[str, WeightAndBias] | Any
 
 #: algorithms whose merge is not linear in μ (DoRA is detected by its ``dora_scale`` tensor)
 NONLINEAR = frozenset({"diag-oft", "boft"})
@@ -73,27 +68,6 @@ def multiplier_targets(m: ModuleTensors) -> tuple[str, ...]:
 def is_nonlinear(m: ModuleTensors) -> bool:
     """Whether the module's effect is not linear in the multiplier (DoRA, OFT, BOFT)."""
     return "dora_scale" in m.tensors or m.algorithm.name in NONLINEAR
-
-
-def _base_getter(base: Any) -> Callable[[str], WeightAndBias]:
-    """One call ``key → (W, b)`` for an opened ``base`` (anything :data:`BaseLike` but a path); a key the
-    base lacks raises :class:`IncompatibleBaseError` naming it."""
-
-    def get(key: str) -> WeightAndBias:
-        if hasattr(base, "weight") and callable(base.weight):
-            resolved = base.resolve(key) if hasattr(base, "resolve") else key
-            if resolved is None:
-                raise IncompatibleBaseError(f"{key}: the base model has no layer for this module")
-            w, b = base.weight(resolved)
-        elif isinstance(base, Mapping):
-            if key not in base:
-                raise IncompatibleBaseError(f"{key}: the base model has no layer for this module")
-            w, b = base[key]
-        else:
-            w, b = base(key)
-        return w, b
-
-    return get
 
 
 def _scaled(t: torch.Tensor, factor: float) -> torch.Tensor:
@@ -221,7 +195,7 @@ def rescale_adapter(
         with open_base(base) as ckpt:
             return rescale_adapter(path, output, multiplier=multiplier, alpha=alpha, base=ckpt, dtype=dtype,
                                    overwrite=overwrite, callback=callback)
-    get_base = None if base is None else _base_getter(base)
+    get_base = None if base is None else base_getter(base)
     report = OpReport(operation="rescale", output=str(output))
     out: dict[str, ModuleTensors] = {}
     shapes: dict[str, tuple[int, ...]] = {}

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 
-from . import bake, check, convert, extract, inspect, rescale
+from . import bake, check, convert, extract, inspect, merge, rescale, resize
 
 #: Operation modules in the order ``lyco adapter --help`` lists them.
-OPERATIONS = (inspect, bake, rescale, convert, extract, check)
+OPERATIONS = (inspect, check, bake, merge, rescale, resize, convert, extract)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
