@@ -56,6 +56,24 @@ class ModuleTensors:
         return self.algorithm.describe(self.tensors)
 
     @property
+    def label(self) -> str:
+        """``lora``, ``loha with DoRA``, … for messages."""
+        return f"{self.algorithm.name} with DoRA" if "dora_scale" in self.tensors else self.algorithm.name
+
+    def change(self, weight_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ΔW (float32, ``weight_shape``) and Δb (or None) at multiplier 1, from the tensors alone.
+
+        Only for modules whose change does not depend on the base weight (``not self.needs_base``); the others
+        need :meth:`merge` with the base weight.
+        """
+        layer = LayerInfo.from_weight(weight_shape, False)
+        t = {k: (v.float() if v.is_floating_point() else v) for k, v in self.tensors.items()}
+        self.algorithm.validate(t, layer, self.key)
+        dw = self.algorithm.delta_weight(t, layer).reshape(weight_shape)
+        db = self.algorithm.delta_bias(t, layer)
+        return dw, None if db is None else db.float()
+
+    @property
     def needs_base(self) -> bool:
         """Whether ΔW depends on the base weight: DoRA, (IA)³, OFT/BOFT, GLoRA (non-additive or base-reading)."""
         return self.algorithm.needs_base_weight or not self.algorithm.additive or "dora_scale" in self.tensors

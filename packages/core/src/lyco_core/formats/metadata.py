@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from ..errors import CorruptFileError, InvalidConfigError, UnknownFormatError
+from ..errors import CorruptFileError, InvalidConfigError, LycoError, UnknownFormatError
 
 SCHEMA_VERSION = "1.0"
 KEY_SCHEMA_VERSION = "lyco.schema_version"
@@ -463,6 +463,17 @@ def read_metadata(header: Mapping[str, str], *, source: str | None = None) -> Re
     return ReadMetadata(lyco=lyco, kohya=kohya, modelspec=modelspec, other=other, stored_schema_version=version)
 
 
+def module_shapes(header: Mapping[str, str]) -> dict[str, tuple[int, ...]]:
+    """Module key → ΔW shape recorded in a file's Lyco metadata (empty when it has none or it does not parse)."""
+    try:
+        lyco = read_metadata(header).lyco
+    except LycoError:
+        return {}
+    if lyco is None:
+        return {}
+    return {k: tuple(s.shape) for k, s in lyco.modules.items() if s.shape}
+
+
 def family_from_header(header: Mapping[str, str]) -> tuple[Family, list[str]]:
     """The base-model family other tools' keys claim, and the evidence (one line per key read).
 
@@ -522,6 +533,7 @@ __all__ = [
     "ReadMetadata",
     "TrainingInfo",
     "family_from_header",
+    "module_shapes",
     "read_metadata",
     "to_header",
 ]

@@ -44,9 +44,11 @@ from ..errors import (
     NotFoundError,
 )
 from ..files import ModuleTensors, read_adapter, write_adapter
+from ..formats.metadata import module_shapes
 from ..layers import LayerInfo
 from ..progress import ProgressCallback, progress
 from .report import ModuleReport, OpReport
+from .resize import module_shape
 
 if TYPE_CHECKING:
     from ..checkpoint import BaseCheckpoint
@@ -195,7 +197,7 @@ def convert_adapter(
         run = _Run(str(path), to, fam, src_base, tgt_base, report)
         for name in unknown:
             run.drop(name, "a tensor no algorithm uses")
-        meta_shapes = _lyco_shapes(header)
+        meta_shapes = module_shapes(header)
         items = [_Item(k, k, m, _known_shape(k, m, meta_shapes, src_base)) for k, m in modules.items()]
         items = _rename(items, run, naming)
         out_family = fam
@@ -320,34 +322,13 @@ def _source_family(
     return "unknown"
 
 
-def _lyco_shapes(header: dict[str, str]) -> dict[str, tuple[int, ...]]:
-    from ..formats.metadata import read_metadata
-
-    try:
-        lyco = read_metadata(header).lyco
-    except LycoError:
-        return {}
-    if lyco is None:
-        return {}
-    return {k: tuple(s.shape) for k, s in lyco.modules.items() if s.shape}
-
-
 def _known_shape(
     key: str, m: ModuleTensors, meta_shapes: dict[str, tuple[int, ...]], base: BaseCheckpoint | None
 ) -> tuple[int, ...] | None:
-    """The layer's weight shape: from the base, the tensors (where they fix it), or Lyco's metadata."""
+    """The layer's weight shape: from the base when it has the layer, else :func:`~.resize.module_shape`."""
     if base is not None and base.resolve(key) is not None:
         return tuple(base.shape(key))
-    t, name = m.tensors, m.algorithm.name
-    if name == "full":
-        return tuple(t["diff"].shape)
-    if name == "norm" and "w_norm" in t:
-        return tuple(t["w_norm"].shape)
-    if name in ("lora", "lokr") or (name == "loha" and "hada_t1" in t):
-        implied = m.algorithm.implied_weight_shape(t)
-        if implied is not None:
-            return tuple(implied)
-    return meta_shapes.get(key)
+    return module_shape(m, meta_shapes)
 
 
 # --------------------------------------------------------------------------------------------- key renaming
@@ -400,16 +381,11 @@ def _base_weight(run: _Run, it: _Item, why: str) -> tuple[torch.Tensor, torch.Te
     return w.float(), None if b is None else b.float()
 
 
-def _describe(m: ModuleTensors) -> str:
-    name = m.algorithm.name
-    return f"{name} with DoRA" if "dora_scale" in m.tensors else name
-
-
 def _exact_change(run: _Run, it: _Item) -> tuple[torch.Tensor, torch.Tensor | None]:
     """ΔW = W' − W (float32, the layer's weight shape) and Δb (or None) of one module at multiplier 1."""
     m = it.module
     if m.needs_base:
-        w, b = _base_weight(run, it, f"the weight change of this {_describe(m)} module")
+        w, b = _base_weight(run, it, f"the weight change of this {m.label} module")
         new_w, new_b = m.merge(w, b)
         db = None if new_b is None else new_b - (b if b is not None else torch.zeros_like(new_b))
         return new_w - w, db
@@ -420,13 +396,10 @@ def _exact_change(run: _Run, it: _Item) -> tuple[torch.Tensor, torch.Tensor | No
             new_w, new_b = m.merge(w, b)
             return new_w - w, None if new_b is None else new_b - (b if b is not None else torch.zeros_like(new_b))
         raise InvalidConfigError(
-            f"{it.src_key}: the layer shape of this {_describe(m)} module is unknown (no Lyco metadata); "
+            f"{it.src_key}: the layer shape of this {m.label} module is unknown (no Lyco metadata); "
             "pass --base BASE"
         )
-    layer = LayerInfo.from_weight(it.shape, False)
-    t = {k: (v.float() if v.is_floating_point() else v) for k, v in m.tensors.items()}
-    dw = m.algorithm.delta_weight(t, layer).reshape(it.shape)
-    return dw, m.algorithm.delta_bias(t, layer)
+    return m.change(it.shape)
 
 
 # --------------------------------------------------------------------------------------------- per module
@@ -473,7 +446,7 @@ def _to_lora(it: _Item, run: _Run, rank: int | None, conv_rank: int | None) -> N
     low = to_lora(dw, rank=r)
     it.replace("lora", low.tensors())
     it.rel_error = low.rel_error
-    it.notes.append(f"{_describe(m)} → lora rank {low.rank} by SVD")
+    it.notes.append(f"{m.label} → lora rank {low.rank} by SVD")
     _bias_loss(it, run, db, "LoRA")
 
 
@@ -487,7 +460,7 @@ def _to_full(it: _Item, run: _Run) -> None:
     if db is not None and bool(db.abs().max() > 0):
         t["diff_b"] = db
     it.replace("full", t)
-    it.notes.append(f"{_describe(m)} → full (exact ΔW)")
+    it.notes.append(f"{m.label} → full (exact ΔW)")
 
 
 def _dora_axis(it: _Item, run: _Run, axis: str) -> None:
@@ -618,7 +591,7 @@ def _check_peft(items: list[_Item], run: _Run) -> None:
     """Fail with what to do when a module has no diffusers/PEFT form."""
     bad = [it for it in items if not _peft_expressible(it)]
     if bad:
-        kinds = sorted({_describe(it.module) + (" (Tucker)" if "lora_mid.weight" in it.module.tensors else "")
+        kinds = sorted({it.module.label + (" (Tucker)" if "lora_mid.weight" in it.module.tensors else "")
                         + (" (input axis)" if "dora_scale" in it.module.tensors else "") for it in bad})
         needs_base = any(it.module.needs_base for it in bad)
         raise InvalidConfigError(

@@ -43,6 +43,7 @@ from ..algorithms.base import alpha_tensor
 from ..checkpoint.weights import BaseGetter, base_getter
 from ..errors import CorruptFileError, FileExistsLycoError, InvalidConfigError
 from ..files import AdapterFile, ModuleTensors, read_adapter, write_adapter
+from ..formats.metadata import module_shapes
 from ..progress import ProgressCallback, progress
 from .lowrank import factored_to_lora, to_lora
 from .report import ModuleReport, OpReport
@@ -52,10 +53,8 @@ from .resize import (
     exact_change,
     float_dtype,
     is_kxk,
-    lyco_shapes,
     module_shape,
     plain_lora_factors,
-    what,
 )
 
 UP, DOWN, MID = "lora_up.weight", "lora_down.weight", "lora_mid.weight"
@@ -113,11 +112,11 @@ def _unsupported(parts: list[_Part], kind: str, has_base: bool) -> str | None:
         return None
     if kind == "base":
         m = next(p.module for p in parts if p.module.needs_base)
-        return f"{what(m)}: its weight change depends on the base weights"
+        return f"{m.label}: its weight change depends on the base weights"
     if kind == "dense":
         unknown = next((p.module for p in parts if p.shape is None), None)
         if unknown is not None:
-            return f"{what(unknown)}: its layer shape is unknown (flattened conv factors and no Lyco metadata)"
+            return f"{unknown.label}: its layer shape is unknown (flattened conv factors and no Lyco metadata)"
     return None
 
 
@@ -258,7 +257,7 @@ def merge_adapters(
         for i, (f, w) in enumerate(zip(files, ws, strict=True)):
             if key in f.modules and w != 0.0:
                 m = f.modules[key]
-                parts.append(_Part(i, w, m, module_shape(m, lyco_shapes(f.header))))
+                parts.append(_Part(i, w, m, module_shape(m, module_shapes(f.header))))
         if not parts:
             report.dropped[key] = "weight 0 in every input that has it"
             continue
@@ -279,7 +278,7 @@ def merge_adapters(
     for key in progress(list(plan), len(plan), "merge", "modules", progress_callback):
         kind, parts = plan[key]
         cast = dtype or float_dtype(parts[0].module)
-        src = " + ".join(f"{p.weight:g}×{what(p.module)}[{p.index}]" for p in parts)
+        src = " + ".join(f"{p.weight:g}×{p.module.label}[{p.index}]" for p in parts)
         if rank is None:
             module, shape, note = _exact(key, kind, parts, get_base, allow_drop, report)
             rel_error = None

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 from ..checkpoint.weights import BaseGetter, base_getter
-from ..errors import FileExistsLycoError, IncompatibleBaseError, InvalidConfigError, LycoError
+from ..errors import FileExistsLycoError, IncompatibleBaseError, InvalidConfigError
 from ..files import ModuleTensors, read_adapter, write_adapter
-from ..layers import LayerInfo
+from ..formats.metadata import module_shapes
 from ..progress import ProgressCallback, progress
 from .lowrank import MODES, LowRank, factored_to_lora, to_lora
 from .report import ModuleReport, OpReport
@@ -41,24 +41,6 @@ DYNAMIC_MODES = tuple(m for m in MODES if m != "fixed")
 
 
 # --------------------------------------------------------------------------------------------- shared helpers
-def what(m: ModuleTensors) -> str:
-    """``lora``, ``loha with DoRA``, … for messages."""
-    return f"{m.algorithm.name} with DoRA" if "dora_scale" in m.tensors else m.algorithm.name
-
-
-def lyco_shapes(header: Mapping[str, str]) -> dict[str, tuple[int, ...]]:
-    """Module key → ΔW shape from a file's Lyco metadata (empty when it has none)."""
-    from ..formats.metadata import read_metadata
-
-    try:
-        lyco = read_metadata(dict(header)).lyco
-    except LycoError:
-        return {}
-    if lyco is None:
-        return {}
-    return {k: tuple(s.shape) for k, s in lyco.modules.items() if s.shape}
-
-
 def module_shape(m: ModuleTensors, meta_shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...] | None:
     """The layer's weight shape without the base: from the tensors where they fix it (Full ``diff``, Norm,
     LoRA, Tucker LoHa, and LoKr/LoHa when the metadata agrees on the entry count), else from the metadata.
@@ -94,7 +76,7 @@ def exact_change(
     if m.needs_base or shape is None:
         if get_base is None:
             why = "its weight change depends on the base weights" if m.needs_base else "its layer shape is unknown"
-            raise InvalidConfigError(f"{m.key}: {what(m)} module, {why}; pass a base model")
+            raise InvalidConfigError(f"{m.key}: {m.label} module, {why}; pass a base model")
         w, b = get_base(m.key)
         w32, b32 = w.float(), None if b is None else b.float()
         try:
@@ -103,12 +85,7 @@ def exact_change(
             raise IncompatibleBaseError(f"{m.key}: does not fit the base layer {tuple(w.shape)} ({e})") from None
         db = None if new_b is None else new_b - (b32 if b32 is not None else torch.zeros_like(new_b))
         return new_w - w32, db
-    layer = LayerInfo.from_weight(shape, False)
-    t = {k: (v.float() if v.is_floating_point() else v) for k, v in m.tensors.items()}
-    m.algorithm.validate(t, layer, m.key)
-    dw = m.algorithm.delta_weight(t, layer).reshape(shape)
-    db = m.algorithm.delta_bias(t, layer)
-    return dw, None if db is None else db.float()
+    return m.change(shape)
 
 
 def plain_lora_factors(m: ModuleTensors) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]] | None:
@@ -160,9 +137,9 @@ def _plan(m: ModuleTensors, meta: Mapping[str, tuple[int, ...]], has_base: bool)
     if has_base:
         return _Plan("dense", shape)
     if m.needs_base:
-        return f"{what(m)}: its weight change depends on the base weights"
+        return f"{m.label}: its weight change depends on the base weights"
     if shape is None:
-        return f"{what(m)}: its layer shape is unknown (flattened conv factors and no Lyco metadata)"
+        return f"{m.label}: its layer shape is unknown (flattened conv factors and no Lyco metadata)"
     return _Plan("dense", shape)
 
 
@@ -209,7 +186,7 @@ def resize_adapter(
         raise FileExistsLycoError(f"{output} exists; pass overwrite/--force")
     f = read_adapter(path)
     get_base = base_getter(base)
-    meta = lyco_shapes(f.header)
+    meta = module_shapes(f.header)
     report = OpReport(operation="resize", output=str(output))
     for name in f.unknown_tensors:
         report.dropped[name] = "tensor not understood by any algorithm"
@@ -261,7 +238,7 @@ def resize_adapter(
         cast = dtype or float_dtype(m)
         out[key] = ModuleTensors(key, lora, {n: v.to(cast) for n, v in low.tensors().items()})
         shapes[key] = shape
-        src = what(m) + (" (tucker)" if "lora_mid.weight" in m.tensors else "")
+        src = m.label + (" (tucker)" if "lora_mid.weight" in m.tensors else "")
         src += f" rank {old_rank}" if old_rank is not None else ""
         report.modules[key] = ModuleReport(
             algo="lora", rank=low.rank, rel_error=low.rel_error, note=f"{src} → lora rank {low.rank}"
