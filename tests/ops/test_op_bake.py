@@ -68,9 +68,10 @@ def test_bake_pipeline_folder_equals_live_merge(variant: str, tmp_path: Path) ->
     assert rel_err(loaded.conv_in.weight, ref["unet"].conv_in.weight) < 1e-6
 
 
-def test_bake_two_adapters_in_order_with_multipliers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("second", ["diag-oft", "lora-tucker"])  # the exact rule, and the row-block LoRA path
+def test_bake_two_adapters_in_order_with_multipliers(second: str, tmp_path: Path) -> None:
     a = make_adapter(tmp_path / "a.safetensors", "lora", seed=1)
-    b = make_adapter(tmp_path / "b.safetensors", "diag-oft", seed=2)
+    b = make_adapter(tmp_path / "b.safetensors", second, seed=2)
     m = models()
     save_file(m["unet"].state_dict(), str(tmp_path / "unet.safetensors"))
     unet_only = tmp_path / "unet.safetensors"

@@ -45,9 +45,9 @@ class ModuleTensors:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The new weight (and bias) of this module's layer at ``multiplier``, computed in float32
         and returned in ``weight``'s dtype. DoRA, (IA)³ and OFT use their exact (non-additive) rules."""
+        self.check_fits(tuple(weight.shape), bias is not None)
         layer = LayerInfo.from_weight(weight.shape, bias is not None)
         t = {k: (v.float() if v.is_floating_point() else v) for k, v in self.tensors.items()}
-        self.algorithm.validate(t, layer, self.key)
         b32 = None if bias is None else bias.float()
         new_w, new_b = self.algorithm.merge(weight.float(), b32, t, layer, multiplier)
         return new_w.to(weight.dtype), None if new_b is None else new_b.to(weight.dtype)
@@ -81,6 +81,9 @@ class ModuleTensors:
     def check_fits(self, weight_shape: tuple[int, ...], has_bias: bool = False, where: str | None = None) -> None:
         """Raise :class:`IncompatibleBaseError` (naming the key) unless this module fits a layer whose weight has
         ``weight_shape``. Shapes only (meta tensors): nothing is computed."""
+        signature = (self.algorithm.name, _shapes(self.tensors), tuple(weight_shape), has_bias)
+        if signature in _FITTING:
+            return
         name = f"{where}: {self.key}" if where else self.key
         implied = self.algorithm.implied_weight_shape(self.tensors)
         flat = (weight_shape[0], math.prod(weight_shape[1:])) if len(weight_shape) > 2 else tuple(weight_shape)
@@ -94,6 +97,7 @@ class ModuleTensors:
             self.algorithm.validate(meta, layer, name)
         except CorruptFileError as e:  # the tensors fit each other (checked on reading): it is the layer
             raise IncompatibleBaseError(str(e).replace("do not fit together", "do not fit the base layer")) from None
+        _remember(signature)
 
 
 @dataclass
@@ -124,20 +128,30 @@ def check_partners(algo: Algorithm, t: Mapping[str, torch.Tensor], key: str) -> 
     shape = algo.implied_weight_shape(t)
     if shape is None:
         return
-    signature = (algo.name, tuple(sorted((k, tuple(v.shape)) for k, v in t.items() if v.ndim)))
-    if signature in _FITTING:  # files repeat a few shapes many times; the check depends on shapes only
+    signature = (algo.name, _shapes(t))
+    if signature in _FITTING:
         return
     meta = {k: v if v.ndim == 0 else v.to("meta") for k, v in t.items()}
     try:
         algo.validate(meta, LayerInfo.from_weight(shape), key)
     except IncompatibleBaseError as e:
         raise CorruptFileError(str(e)) from None
-    if len(_FITTING) < 4096:
+    _remember(signature)
+
+
+#: Shape signatures (algorithm, tensor names and shapes[, layer shape, bias]) found consistent. Validation
+#: depends on shapes only, and files repeat a few shapes many times, so each is checked once per process.
+_FITTING: set[tuple[Any, ...]] = set()
+
+
+def _shapes(t: Mapping[str, torch.Tensor]) -> tuple[tuple[str, Any], ...]:
+    """Names and shapes of the tensors, and the values of 0-d ones (flags such as (IA)³'s ``on_input``)."""
+    return tuple(sorted((k, tuple(v.shape) if v.ndim else float(v)) for k, v in t.items()))
+
+
+def _remember(signature: tuple[Any, ...]) -> None:
+    if len(_FITTING) < 16384:
         _FITTING.add(signature)
-
-
-#: Shape signatures (algorithm, tensor names and shapes) that :func:`check_partners` found consistent.
-_FITTING: set[tuple[str, tuple[tuple[str, tuple[int, ...]], ...]]] = set()
 
 
 def group_modules(

@@ -39,6 +39,19 @@ def lora_delta(
     return (scale * w).reshape(weight_shape)
 
 
+def lora_factors(
+    down: torch.Tensor, up: torch.Tensor, mid: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U (O, r), D (r, I·∏k))`` in float32 with ΔW = U·D flattened: ``scale`` folded into U, a Tucker core
+    folded into D (``D[i, c·k] = Σ_j mid[i, j, k]·down[j, c]``). Lets callers work on ΔW row by row."""
+    u = flat2d(up).float() * scale
+    d = flat2d(down).float()
+    if mid is not None:
+        m = mid.float().reshape(mid.shape[0], mid.shape[1], -1)
+        d = torch.einsum("ijk,jc->ick", m, d).reshape(m.shape[0], -1)
+    return u, d
+
+
 def lora_bypass(
     x: torch.Tensor,
     down: torch.Tensor,
@@ -134,7 +147,7 @@ class LoRA(Algorithm):
         down, up, mid = t[DOWN], t[UP], t.get(MID)
         r = down.shape[0]
         r_up = up.shape[1] if up.ndim >= 2 else -1
-        r_mid = (mid.shape[0], mid.shape[1]) if mid is not None else (r_up, r)
+        r_mid = (mid.shape[0], mid.shape[1]) if mid is not None else (r, r)
         if r_up != r_mid[0] or r_mid[1] != r:
             raise CorruptFileError(
                 f"{key}: rank mismatch between lora_down {tuple(down.shape)}, lora_up {tuple(up.shape)}"
@@ -145,7 +158,20 @@ class LoRA(Algorithm):
                 f"{key}: adapter is {up.shape[0]}×{down.shape[1]} (out×in), the layer is "
                 f"{layer.out_features}×{layer.in_features}"
             )
-        super().validate(t, layer, key)
+        # The rest of the base check, on shapes alone (no ΔW, not even on the meta device).
+        if layer.kind not in self.layer_kinds:
+            raise IncompatibleBaseError(f"{key}: {self.name} cannot be applied to a {layer.kind} layer")
+        if up.ndim < 2 or math.prod(up.shape[2:]) != 1 or (mid is not None and math.prod(down.shape[2:]) != 1):
+            raise CorruptFileError(
+                f"{key}: tensors of this lora module do not fit together (lora_up {tuple(up.shape)}, lora_down "
+                f"{tuple(down.shape)}" + (f", lora_mid {tuple(mid.shape)})" if mid is not None else ")")
+            )
+        kernel = tuple(mid.shape[2:]) if mid is not None else tuple(down.shape[2:])
+        if up.shape[0] * down.shape[1] * math.prod(kernel) != math.prod(layer.weight_shape):
+            raise IncompatibleBaseError(
+                f"{key}: lora weight change has shape {(up.shape[0], down.shape[1], *kernel)}, the layer's weight "
+                f"is {layer.weight_shape}"
+            )
 
     def describe(self, t: Tensors) -> dict[str, object]:
         out = super().describe(t)

@@ -557,16 +557,15 @@ class TensorReader:
         dtype = TORCH_DTYPES.get(e.dtype)
         if dtype is None:
             raise UnknownFormatError(f"{_show(self.path)}: tensor {name!r}: dtype {e.dtype} is not supported here")
-        buf = bytearray(e.nbytes)
-        view = memoryview(buf)
+        raw = torch.empty(e.nbytes, dtype=torch.uint8)  # not zero-filled, unlike a bytearray
+        view = memoryview(raw.numpy()).cast("B")  # type: ignore[arg-type]  # numpy arrays are buffers
         pos, start = 0, self.header.data_offset + e.offsets[0]
         while pos < e.nbytes:
             n = os.preadv(self._fd, [view[pos:]], start + pos)
             if n <= 0:
                 raise CorruptFileError(f"{_show(self.path)}: tensor {name!r}: file ends early")
             pos += n
-        t = torch.frombuffer(buf, dtype=torch.uint8) if e.nbytes else torch.empty(0, dtype=torch.uint8)
-        t = t.view(dtype).reshape(e.shape)
+        t = raw.view(dtype).reshape(e.shape)
         if self.check_finite:
             _check_finite(t, name, _show(self.path))
         return t

@@ -17,17 +17,19 @@ import os
 import secrets
 import shutil
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import BaseCheckpoint, Target, open_base
+from ..checkpoint import BaseCheckpoint, Target, TensorSource, open_base
 from ..errors import FileExistsLycoError, IncompatibleBaseError, InvalidConfigError, NotFoundError
 from ..files import AdapterFile, ModuleTensors, read_adapter
 from ..formats.safetensors_io import StreamWriter, atomic_output
 from ..progress import ProgressCallback, progress
 from .report import ModuleReport, OpReport
+from .resize import plain_lora_factors
 
 #: Header key of a baked safetensors file: JSON list of {adapter, multiplier, modules}.
 BAKED_KEY = "lyco.baked"
@@ -87,10 +89,52 @@ def plan_bake(
     return groups, report
 
 
-def _run_group(base: BaseCheckpoint, group: _Group) -> dict[str, torch.Tensor]:
-    """Merge every step of a group; returns the new tensors in the base's dtypes."""
-    src = base.sources[group.source]
-    original = {n: src.get(n) for n in group.tensors}
+#: Rows of a weight merged at a time on the fast path: about this many float32 values, so the block stays in cache.
+_BLOCK_VALUES = 1 << 18
+
+
+def _low_rank_steps(group: _Group) -> list[tuple[torch.Tensor, torch.Tensor, float]] | None:
+    """``[(U, D, μ)]`` when every step of the group is a plain LoRA/LoCon on one unsliced weight, else None."""
+    if any(t.rows is not None or t.weight != group.steps[0][0].weight for t, _, _ in group.steps):
+        return None
+    out = []
+    for _target, module, mult in group.steps:
+        factors = plain_lora_factors(module)
+        if factors is None:
+            return None
+        up, down, _shape = factors
+        out.append((up, down, mult))
+    return out
+
+
+def _merge_rows(weight: torch.Tensor, steps: list[tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+    """W + Σ μ·U·D computed in float32 a block of rows at a time and returned in W's dtype.
+
+    The same numbers as building ΔW whole, without a full-size float32 copy of W or ΔW: each block is read,
+    updated with ``addmm_`` and written back while it is in cache.
+    """
+    flat = weight.reshape(weight.shape[0], -1)
+    out = torch.empty_like(flat)
+    rows = max(1, _BLOCK_VALUES // max(1, flat.shape[1]))
+    for i in range(0, flat.shape[0], rows):
+        block = flat[i : i + rows].to(torch.float32, copy=True)
+        for up, down, mult in steps:
+            block.addmm_(up[i : i + rows], down, alpha=mult)
+        out[i : i + rows] = block
+    return out.reshape(weight.shape)
+
+
+def _run_group(group: _Group, read: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Merge every step of a group; returns the new tensors in the base's dtypes.
+
+    Plain LoRA/LoCon steps take the row-block fast path (:func:`_merge_rows`); everything else goes through
+    :meth:`ModuleTensors.merge`, the exact rule of its algorithm, on float32 copies.
+    """
+    original = {n: read(n) for n in group.tensors}
+    fast = _low_rank_steps(group)
+    if fast is not None:
+        name = group.steps[0][0].weight
+        return {**original, name: _merge_rows(original[name], fast)}
     work = {n: t.float() for n, t in original.items()}
     for target, module, mult in group.steps:
         w = work[target.weight]
@@ -113,6 +157,44 @@ def _run_group(base: BaseCheckpoint, group: _Group) -> dict[str, torch.Tensor]:
     return {n: work[n].to(original[n].dtype) for n in group.tensors}
 
 
+class _ReadAhead:
+    """Reads a source's tensors in file order on a background thread, a few tensors ahead of the consumer.
+
+    Reading (``pread``) and writing release the GIL, as do torch's kernels, so disk and page-cache copies overlap
+    the merge arithmetic. Tensors asked for out of order (a fused group's partner) are read directly.
+    """
+
+    def __init__(self, src: TensorSource, depth: int = 4) -> None:
+        self._src = src
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lyco-read")
+        self._order = list(src.names)
+        self._next = 0
+        self._pending: dict[str, Future[torch.Tensor]] = {}
+        self._taken: set[str] = set()  # read out of order: never queue them again
+        self._depth = depth
+
+    def _fill(self) -> None:
+        while len(self._pending) < self._depth and self._next < len(self._order):
+            name = self._order[self._next]
+            self._next += 1
+            if name not in self._taken:
+                self._pending[name] = self._pool.submit(self._src.get, name)
+
+    def get(self, name: str) -> torch.Tensor:
+        self._fill()
+        future = self._pending.pop(name, None)
+        if future is None:
+            self._taken.add(name)
+            t = self._src.get(name)
+        else:
+            t = future.result()
+        self._fill()
+        return t
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _stream_file(
     base: BaseCheckpoint,
     index: int,
@@ -121,25 +203,43 @@ def _stream_file(
     metadata: dict[str, str],
     tick: Callable[[str], None],
 ) -> None:
+    """Write source ``index`` of ``base`` to ``out`` with the groups merged, in the source's order and dtypes.
+
+    Reads run ahead on one thread and writes trail on another (bounded queues), so at most a handful of tensors
+    are held at a time.
+    """
     src = base.sources[index]
     layout = [(n, src.dtype(n), src.shape(n)) for n in src.names]
     writer = StreamWriter(out, layout, metadata)
+    reader = _ReadAhead(src)
+    writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lyco-write")
+    queued: list[Future[None]] = []
     cache: dict[str, torch.Tensor] = {}
     try:
         for name in src.names:
             group = groups.get(f"{index}:{name}")
             if group is None:
-                writer.write(name, src.get(name))
-                continue
-            if name not in cache:
-                cache.update(_run_group(base, group))
-                for step in group.steps:
-                    tick(step[0].key)
-            writer.write(name, cache.pop(name))
+                tensor = cache.pop(name, None)
+                tensor = reader.get(name) if tensor is None else tensor
+            else:
+                if name not in cache:
+                    cache.update(_run_group(group, lambda n: cache.pop(n) if n in cache else reader.get(n)))
+                    for step in group.steps:
+                        tick(step[0].key)
+                tensor = cache.pop(name)
+            queued.append(writes.submit(writer.write, name, tensor))
+            if len(queued) > 4:  # bound the tensors waiting to be written
+                queued.pop(0).result()
+        for f in queued:
+            f.result()
         writer.finish()
     except BaseException:
+        writes.shutdown(wait=True, cancel_futures=True)
         writer.abort()
         raise
+    finally:
+        reader.close()
+        writes.shutdown(wait=True)
 
 
 def _baked_metadata(

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ..algorithms.lora import lora_factors
 from ..checkpoint.weights import BaseGetter, base_getter
 from ..errors import FileExistsLycoError, IncompatibleBaseError, InvalidConfigError
 from ..files import ModuleTensors, read_adapter, write_adapter
@@ -97,12 +98,8 @@ def plain_lora_factors(m: ModuleTensors) -> tuple[torch.Tensor, torch.Tensor, tu
     shape = m.algorithm.implied_weight_shape(t)
     if shape is None:
         return None
-    up = t["lora_up.weight"].float().reshape(shape[0], -1) * m.algorithm.scale(t)
-    down = t["lora_down.weight"].float()
-    if "lora_mid.weight" in t:  # down'[i, c, k] = Σ_j mid[i, j, k]·down[j, c]
-        mid = t["lora_mid.weight"].float()
-        down = torch.einsum("ijk,jc->ick", mid.reshape(mid.shape[0], mid.shape[1], -1), down.reshape(down.shape[0], -1))
-    return up, down.reshape(down.shape[0], -1), tuple(int(d) for d in shape)
+    up, down = lora_factors(t["lora_down.weight"], t["lora_up.weight"], t.get("lora_mid.weight"), m.algorithm.scale(t))
+    return up, down, tuple(int(d) for d in shape)
 
 
 def is_kxk(shape: tuple[int, ...]) -> bool:
