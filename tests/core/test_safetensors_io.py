@@ -435,3 +435,28 @@ def test_payload_hash_streams_large_data(tmp_path: Path, monkeypatch: pytest.Mon
     blob = (tmp_path / "big.safetensors").read_bytes()
     n = struct.unpack("<Q", blob[:8])[0]
     assert payload_sha256(tmp_path / "big.safetensors") == hashlib.sha256(blob[8 + n :]).hexdigest()
+
+
+def test_atomic_output_dir_is_all_or_nothing(tmp_path: Path) -> None:
+    from lyco_core.formats.safetensors_io import atomic_output_dir
+
+    target = tmp_path / "out"
+    with atomic_output_dir(target) as tmp:
+        (tmp / "a.txt").write_text("new")
+        assert not target.exists()  # nothing visible until the block ends
+    assert (target / "a.txt").read_text() == "new"
+    with pytest.raises(FileExistsLycoError), atomic_output_dir(target):
+        pass
+
+    def fail_midway() -> None:
+        with atomic_output_dir(target, overwrite=True) as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise RuntimeError("fails midway")
+
+    with pytest.raises(RuntimeError):
+        fail_midway()
+    assert (target / "a.txt").read_text() == "new"  # the old folder is untouched
+    with atomic_output_dir(target, overwrite=True) as tmp:
+        (tmp / "b.txt").write_text("replaced")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary or old folders left

@@ -57,7 +57,7 @@ from ..algorithms.dora import magnitude_on_output
 from ..errors import CorruptFileError, FileExistsLycoError, InvalidConfigError, NotFoundError, UnknownFormatError
 from ..files import ModuleTensors
 from .key_paths import KeyPath, format_key, parse_key, parse_path, to_diffusers_path
-from .safetensors_io import atomic_write_bytes, load_tensors, read_header, save_tensors
+from .safetensors_io import atomic_output_dir, atomic_write_bytes, load_tensors, read_header, save_tensors
 from .unet_naming import UNetLayout, diffusers_to_ldm
 
 __all__ = [
@@ -233,22 +233,15 @@ def write_peft_style(
         return target
     if target.exists() and not target.is_dir():
         raise FileExistsLycoError(f"{target}: exists and is not a directory (PEFT style writes a directory)")
-    files = [target / c / name for c in groups for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)]
-    if not overwrite:
-        for f in files:
-            if f.exists():
-                raise FileExistsLycoError(f"{f}: exists (use --force to overwrite)")
-    if not target.parent.is_dir():
-        raise NotFoundError(f"{target}: directory {target.parent} does not exist")
-    for c, outs in groups.items():
-        (target / c).mkdir(parents=True, exist_ok=True)
-        cfg = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "bias": "none",
-               "inference_mode": True, **configs[c]}
-        if c == "text_encoder" and flat_clip:
-            outs = [replace(o, path=o.path.removeprefix(_TEXT_MODEL)) for o in outs]
-        save_tensors(target / c / ADAPTER_WEIGHTS, _tensors(outs, PEFT_PREFIX, dtype), {"format": "pt"},
-                     overwrite=overwrite)
-        atomic_write_bytes(target / c / ADAPTER_CONFIG, json.dumps(cfg, indent=2, sort_keys=True).encode(), overwrite)
+    with atomic_output_dir(target, overwrite) as tmp:
+        for c, outs in groups.items():
+            (tmp / c).mkdir()
+            cfg = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "bias": "none",
+                   "inference_mode": True, **configs[c]}
+            if c == "text_encoder" and flat_clip:
+                outs = [replace(o, path=o.path.removeprefix(_TEXT_MODEL)) for o in outs]
+            save_tensors(tmp / c / ADAPTER_WEIGHTS, _tensors(outs, PEFT_PREFIX, dtype), {"format": "pt"})
+            atomic_write_bytes(tmp / c / ADAPTER_CONFIG, json.dumps(cfg, indent=2, sort_keys=True).encode())
     return target
 
 

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -471,6 +472,40 @@ def atomic_output(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
     _fsync_dir(directory)
 
 
+@contextlib.contextmanager
+def atomic_output_dir(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to ``path``; on success move it onto ``path`` in one rename.
+
+    An existing ``path`` raises :class:`FileExistsLycoError` unless ``overwrite``; then the old folder is moved
+    aside, the new one moved in, and only then the old one deleted, so ``path`` is never a half-written folder.
+    The temporary folder is removed if the block raises.
+    """
+    target = Path(path)
+    if not overwrite and target.exists():
+        raise FileExistsLycoError(f"{_show(path)} exists; pass overwrite/--force")
+    if target.exists() and not target.is_dir():
+        raise FileExistsLycoError(f"{_show(path)} exists and is not a folder")
+    if not target.parent.is_dir():
+        raise NotFoundError(f"{_show(path)}: directory {_show(target.parent)} does not exist")
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        if target.exists():
+            if not overwrite:
+                raise FileExistsLycoError(f"{_show(path)} exists; pass overwrite/--force")
+            old = target.with_name(f".{target.name}.{secrets.token_hex(4)}.old")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(target.parent)
+
+
 def atomic_write_bytes(path: PathLike, data: bytes, overwrite: bool = False) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_output`)."""
     with atomic_output(path, overwrite) as tmp, tmp.open("wb") as f:
@@ -647,6 +682,7 @@ __all__ = [
     "TensorEntry",
     "TensorReader",
     "atomic_output",
+    "atomic_output_dir",
     "atomic_write_bytes",
     "load_tensors",
     "payload_sha256",

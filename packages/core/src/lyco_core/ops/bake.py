@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,9 +23,9 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import BaseCheckpoint, Target, TensorSource, open_base
-from ..errors import FileExistsLycoError, IncompatibleBaseError, InvalidConfigError, NotFoundError
+from ..errors import FileExistsLycoError, IncompatibleBaseError, InvalidConfigError
 from ..files import AdapterFile, ModuleTensors, read_adapter
-from ..formats.safetensors_io import StreamWriter, atomic_output
+from ..formats.safetensors_io import StreamWriter, atomic_output, atomic_output_dir
 from ..progress import ProgressCallback, progress
 from .report import ModuleReport, OpReport
 from .resize import plain_lora_factors
@@ -254,19 +253,6 @@ def _baked_metadata(
     return meta
 
 
-def _replace_dir(tmp: Path, target: Path, overwrite: bool) -> None:
-    """Move a finished temporary folder onto ``target``; an old ``target`` is removed only after the move."""
-    if target.exists():
-        if not overwrite:
-            raise FileExistsLycoError(f"{target} exists; pass overwrite/--force")
-        old = target.with_name(f".{target.name}.{secrets.token_hex(4)}.old")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-
-
 def bake(
     base_path: str | Path,
     adapter_paths: Sequence[str | Path],
@@ -327,11 +313,8 @@ def _bake_folder(
     overwrite: bool,
     tick: Callable[[str], None],
 ) -> None:
-    if not out.parent.is_dir():
-        raise NotFoundError(f"{out}: directory {out.parent} does not exist")
-    tmp = out.with_name(f".{out.name}.{secrets.token_hex(6)}.tmp")
     rewritten = {s.path.resolve(): i for i, s in enumerate(base.sources)}
-    try:
+    with atomic_output_dir(out, overwrite) as tmp:
         for root, _dirs, files in os.walk(base.path):
             rel = Path(root).relative_to(base.path)
             (tmp / rel).mkdir(parents=True, exist_ok=True)
@@ -344,10 +327,6 @@ def _bake_folder(
                 else:
                     meta = _baked_metadata(base.sources[index].metadata, adapters, mults)
                     _stream_file(base, index, dst, groups, meta, tick)
-        _replace_dir(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 __all__ = ["BAKED_KEY", "bake", "plan_bake"]
