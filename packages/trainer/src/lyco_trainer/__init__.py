@@ -1,5 +1,7 @@
-"""Fine-tuning SD 1.x / 2.x / SDXL with Lyco adapters (issue: trainer).
+"""lyco_trainer: fine-tune SD 1.x / 2.x / SDXL with any Lyco adapter algorithm (``lyco train CONFIG.toml``).
 
-Skeleton only: this package is filled in by its own issue. It installs so that the monorepo layout and
-the `lyco` command's plug-in mechanism are in place.
+Modules: :mod:`.config` (the TOML config), :mod:`.data` (concept folders, captions, balancing, buckets),
+:mod:`.models` (loading bases, latent/text caches), :mod:`.optim` (optimisers, schedules, noise and losses),
+:mod:`.loop` (the training loop, progress callbacks, cancel/resume state), :mod:`.sampling` (sample images),
+:mod:`.cli` (``lyco train``).
 """

@@ -22,7 +22,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -54,7 +54,7 @@ def _lyco_version() -> str:
 
 
 def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 # --------------------------------------------------------------------------------------------- schema
@@ -179,8 +179,8 @@ class AdapterMetadata(_Frozen):
         except ValueError:
             raise ValueError(f"not an ISO 8601 date-time: {v!r}") from None
         if t.tzinfo is None:
-            t = t.replace(tzinfo=timezone.utc)
-        return t.astimezone(timezone.utc).isoformat(timespec="seconds")
+            t = t.replace(tzinfo=UTC)
+        return t.astimezone(UTC).isoformat(timespec="seconds")
 
     @model_validator(mode="before")
     @classmethod

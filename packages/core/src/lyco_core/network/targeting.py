@@ -16,6 +16,7 @@ matched against the whole path when written ``re:<regex>``. Class names match ex
 from __future__ import annotations
 
 import re
+import tomllib
 from collections.abc import Iterator
 from fnmatch import fnmatchcase
 from functools import lru_cache
@@ -23,7 +24,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
