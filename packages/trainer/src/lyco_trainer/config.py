@@ -35,6 +35,9 @@ class ModelConfig(_Strict):
     tokenizer: Path | None = Field(
         None, description="tokenizer folder(s) for a single-file base (CLIP vocab files cannot be downloaded here)"
     )
+    config_dir: Path | None = Field(
+        None, description="a diffusers folder whose component configs describe a single-file base of non-standard size"
+    )
 
 
 class NetworkSection(_Strict):
@@ -196,6 +199,7 @@ def _resolve_paths(cfg: TrainConfig, root: Path) -> TrainConfig:
     cfg.model.base = fix(cfg.model.base) or cfg.model.base
     cfg.model.vae = fix(cfg.model.vae)
     cfg.model.tokenizer = fix(cfg.model.tokenizer)
+    cfg.model.config_dir = fix(cfg.model.config_dir)
     cfg.data.root = fix(cfg.data.root)
     for c in cfg.data.concepts:
         c.path = fix(c.path) or c.path
