@@ -25,7 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     adapter.register(sub)
     for ep in sorted(entry_points(group="lyco.commands"), key=lambda e: e.name):
-        ep.load()(sub)
+        try:
+            register = ep.load()
+        except Exception as e:  # a broken plugin must not take `lyco adapter` down with it
+            print(f"lyco: warning: command {ep.name!r} ({ep.value}) is unavailable: {e}", file=sys.stderr)
+            continue
+        register(sub)
     return parser
 
 
