@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PACKAGES := packages/core packages/trainer packages/evaluator services/api services/worker
 STAMP := $(VENV)/.lyco-installed
 
-.PHONY: venv test demo lint bench clean
+.PHONY: venv test demo demo-core lint bench clean
 
 venv: $(STAMP)
 
@@ -25,7 +25,10 @@ test: venv
 	$(PY) -m pytest -q
 
 demo: venv
-	$(PY) examples/core_demo.py --out demo-out
+	$(PY) examples/train_demo.py --out demo-out
+
+demo-core: venv
+	$(PY) examples/core_demo.py --out demo-out/core
 
 bench: venv
 	$(PY) bench/train_step.py
