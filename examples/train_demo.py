@@ -15,6 +15,10 @@ Steps (everything is written under ``--out``, default ``demo-out``):
 
 Then it prints where everything is (adapter, samples, grid, log) and a summary: data balance, steps, loss,
 speed, and a reload check of the adapter file (``lyco_core.read_adapter``).
+
+5. ``eval.toml`` and ``eval/``: the paper's evaluation of the final and the epoch-10 adapter against the base
+   model (``lyco_evaluator.evaluate``, tiny encoders built from configs, a few images per prompt type), ending with
+   ``eval/report.html``: image grids, the paper's scatter plots and the ranking table.
 """
 
 from __future__ import annotations
@@ -199,15 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     base = write_tiny_pipeline(out / "base", "sd1", seed=0, overwrite=True)
-    print(f"[1/4] tiny SD 1.x pipeline: {base}")
+    print(f"[1/5] tiny SD 1.x pipeline: {base}")
     counts = write_dataset(out / "data")
-    print(f"[2/4] dataset: {out / 'data' / 'shapes'}  ("
+    print(f"[2/5] dataset: {out / 'data' / 'shapes'}  ("
           + ", ".join(f"{k}: {v} images" for k, v in counts.items()) + ")")
     cfg_path = write_config(out / "train.toml", args.epochs)
-    print(f"[3/4] config: {cfg_path}")
+    print(f"[3/5] config: {cfg_path}")
     cfg = load_config(cfg_path)
 
-    print("[4/4] training (LoKr on the UNet) ...")
+    print("[4/5] training (LoKr on the UNet) ...")
     log_path = out / "train.log"
     handler = logging.FileHandler(out / "trainer.log", mode="w")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -258,7 +262,56 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  latest grid: {grids[-1]}  ({len(images)} sample images in {grids[-1].parent})")
     print(f"log: {log_path}  (every event)  and {out / 'trainer.log'} (trainer messages)")
     print(f"config: {cfg_path}  (rerun with: lyco train {cfg_path} --force)")
-    return 0 if not result.cancelled else 1
+    if result.cancelled or result.final_path is None:
+        return 1
+    return evaluate_demo(out, [result.final_path, *[p for p in result.saved if p != result.final_path]])
+
+
+def write_eval_config(path: Path, checkpoints: list[Path]) -> Path:
+    """The ``lyco eval`` config of the demo: tiny encoders, 2 images per prompt type and concept, 64 px."""
+    entries = "\n".join(f'[[checkpoints]]\npath = "{c.relative_to(path.parent).as_posix()}"' for c in checkpoints)
+    path.write_text(f"""# lyco eval config written by examples/train_demo.py (rerun: lyco eval eval.toml)
+[model]
+base = "base"
+
+{entries}
+
+[data]
+root = "data"
+
+[prompts]
+n_images = 2                   # per prompt type and concept (the paper uses 100)
+
+[generation]
+steps = 8
+guidance = 4.0
+width = 64
+height = 64
+device = "cpu"
+
+[encoders]
+tiny = true                    # tiny DINOv2 / CLIP / VGG19 built from configs (real users give local weights)
+device = "cpu"
+
+[output]
+dir = "eval"
+""")
+    return path
+
+
+def evaluate_demo(out: Path, checkpoints: list[Path]) -> int:
+    from lyco_evaluator.config import load_config as load_eval_config
+    from lyco_evaluator.runner import evaluate
+
+    cfg_path = write_eval_config(out / "eval.toml", checkpoints)
+    print()
+    print(f"[5/5] evaluation of {len(checkpoints)} adapter(s) against the base (config {cfg_path}) ...")
+    t0 = time.perf_counter()
+    res = evaluate(load_eval_config(cfg_path))
+    for line in res.summary_lines():
+        print(line)
+    print(f"evaluation: {time.perf_counter() - t0:.1f} s; report: {out / 'eval' / 'report.html'}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -177,3 +177,19 @@ def test_partner_shape_mismatch_is_caught_without_a_model(
     save_file(tensors, str(path))
     with pytest.raises(CorruptFileError, match=r"bad\.safetensors.*lycoris_0"):
         lc.read_adapter(path)
+
+
+def test_saving_with_metadata_object_keeps_the_networks_own_facts(tmp_path: Path) -> None:
+    from lyco_core.formats.metadata import AdapterMetadata, TrainingInfo
+
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    net = lc.create_network(model, algo="lokr", preset="full", dim=4, alpha=2.0, factor=4)
+    meta = AdapterMetadata(training=TrainingInfo(steps=12), output_name="x")
+    net.save(tmp_path / "a.safetensors", metadata=meta)
+    read = read_metadata(lc.read_adapter(tmp_path / "a.safetensors").header)
+    assert read.lyco is not None
+    assert read.lyco.network.algo == "lokr"  # not the schema's default "lora"
+    assert read.lyco.network.dim == 4
+    assert read.lyco.training is not None
+    assert read.lyco.training.steps == 12
+    assert json.loads(read.kohya["ss_network_args"])["algo"] == "lokr"

@@ -290,7 +290,8 @@ def network_metadata(network: AdapterNetwork, metadata: Any = None, base_family:
     (an ``AdapterMetadata`` or a dict of its fields)."""
     from .formats.metadata import AdapterMetadata, BaseModelInfo, ModuleSummary, NetworkInfo
 
-    given = metadata.model_dump() if isinstance(metadata, AdapterMetadata) else dict(metadata or {})
+    # only what the caller set: defaults (e.g. network=lora) must not hide the network's own facts
+    given = metadata.model_dump(exclude_unset=True) if isinstance(metadata, AdapterMetadata) else dict(metadata or {})
     modules = {
         m.key: ModuleSummary.from_describe(m.algorithm.describe(m.tensors()), m.layer.weight_shape) for m in network
     }
