@@ -1,5 +1,10 @@
-"""Celery GPU/CPU workers for Lyco jobs (issue: service).
+"""Celery workers running Lyco jobs: training, generation and evaluation (queue ``gpu``) and adapter operations
+(queue ``cpu``).
 
-Skeleton only: this package is filled in by its own issue. It installs so that the monorepo layout and
-the `lyco` command's plug-in mechanism are in place.
+Modules: :mod:`.app` (the Celery app and its configuration), :mod:`.tasks` (the task ``lyco.run_job(job_id)``:
+claim, run, register outputs, final state), :mod:`.runners` (one module per job kind, Celery-free),
+:mod:`.reconcile` (jobs left running by dead workers) and :mod:`.cli` (``lyco worker``). Importing the package
+loads none of them.
 """
+
+__version__ = "0.1.0"
