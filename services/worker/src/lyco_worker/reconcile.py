@@ -10,6 +10,11 @@ the ``running`` jobs: one whose worker (``job.worker`` = ``<node>#<pid>``) is no
 running in a live worker (and retries later) or finished (and drops it).
 
 The same liveness rule decides in the task itself, so a redelivered message and a reconciled job cannot both run.
+
+Jobs still ``queued`` are sent again too (:func:`resend_queued`): a broker that restarted without persistence, or
+the filesystem transport, may have lost their messages, and the database — not the broker — is the job's record.
+A second message for a job is harmless for the same reason: the task starts a job only through the
+``queued → running`` compare-and-set, and drops messages of jobs that are running elsewhere or finished.
 """
 
 from __future__ import annotations
@@ -79,6 +84,28 @@ def reconcile(settings: Settings | None = None, *, my_node: str, queues: tuple[s
     return out
 
 
+def resend_queued(settings: Settings | None = None, *, queues: tuple[str, ...] | None = None) -> list[str]:
+    """Send the message of every ``queued`` job (of ``queues``) again; returns the job ids sent."""
+    settings = settings or get_settings()
+    engine = engine_for(settings)
+    with session_scope(engine) as s:
+        stmt = select(Job).where(Job.state == "queued")
+        if queues:
+            stmt = stmt.where(Job.queue.in_(queues))
+        queued = list(s.scalars(stmt.order_by(Job.created_at)))
+    sent: list[str] = []
+    for job in queued:
+        try:
+            enqueue(job, settings)
+            sent.append(job.id)
+        except Exception as e:  # the broker is down again: the next worker start tries again
+            log.error("job %s: could not send its message again: %s", job.id, e)
+            break
+    if sent:
+        log.warning("sent %d queued job(s) again (messages a restarted broker may have lost)", len(sent))
+    return sent
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m lyco_worker.reconcile --node NAME``: create missing tables, then :func:`reconcile` as worker
     ``NAME``; prints what it changed. The worker runs this when it is ready (see :mod:`lyco_worker.tasks`)."""
@@ -96,11 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     res = reconcile(settings, my_node=args.node, requeue=not args.dry_run)
     if res["requeued"] or res["failed"]:
         print(f"requeued {res['requeued']}, failed {res['failed']}")
+    if not args.dry_run:
+        sent = resend_queued(settings)
+        if sent:
+            print(f"sent again {sent}")
     engine.dispose()
     return 0
 
 
-__all__ = ["main", "reconcile"]
+__all__ = ["main", "reconcile", "resend_queued"]
 
 if __name__ == "__main__":
     import sys

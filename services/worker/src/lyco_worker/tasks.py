@@ -306,7 +306,11 @@ def claim(settings: Settings, engine: Engine, job_id: str, holder: str) -> tuple
             transition(s, job, "failed", error=f"gave up after {job.attempts} attempt(s): the worker was lost "
                        "each time (killed, out of memory or over the hard time limit)")
             return job, 0
-        transition(s, job, "running", worker=holder)
+        try:
+            transition(s, job, "running", worker=holder)
+        except IllegalTransitionError:  # a second message of the same job won the race for it: drop this one
+            log.info("job %s: claimed by another delivery; message dropped", job_id)
+            return None, 0
         return job, job.attempts
 
 
