@@ -27,14 +27,14 @@ A minimal config::
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lyco_core.configfile import apply_overrides, read_toml, validate
 from lyco_core.errors import InvalidConfigError, NotFoundError
-from lyco_trainer.config import DataConfig, ModelConfig, apply_overrides
+from lyco_trainer.config import DataConfig, ModelConfig
 
 PromptType = Literal["train", "trigger", "alter", "style", "agnostic", "agnostic_class"]
 PROMPT_TYPES: tuple[PromptType, ...] = ("train", "trigger", "alter", "style", "agnostic", "agnostic_class")
@@ -239,17 +239,6 @@ class EvalConfig(_Strict):
 
 
 # --------------------------------------------------------------------------------------------- loading
-def _first_error(e: ValidationError, source: str) -> str:
-    err = e.errors()[0]
-    where = ".".join(str(x) for x in err["loc"]) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        return f"{source}: unknown key {where!r}"
-    if err["type"] == "missing":
-        return f"{source}: missing key {where!r}"
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{source}: {where}: {msg}" if where != "(top level)" else f"{source}: {msg}"
-
-
 def _resolve_paths(cfg: EvalConfig, root: Path) -> EvalConfig:
     def fix(p: Path | None) -> Path | None:
         return None if p is None or p.is_absolute() else root / p
@@ -273,23 +262,14 @@ def _resolve_paths(cfg: EvalConfig, root: Path) -> EvalConfig:
 
 def parse_config(doc: dict[str, Any], source: str = "config", root: Path | None = None) -> EvalConfig:
     """Validate a config dict; errors are one line naming the key. Relative paths are taken from ``root``."""
-    try:
-        cfg = EvalConfig.model_validate(doc)
-    except ValidationError as e:
-        raise InvalidConfigError(_first_error(e, source)) from None
+    cfg = validate(EvalConfig, doc, source)
     return _resolve_paths(cfg, root) if root is not None else cfg
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> EvalConfig:
     """Read ``path`` (TOML), apply ``--set`` overrides (``["generation.steps=10", …]``), validate."""
     p = Path(path)
-    if not p.is_file():
-        raise NotFoundError(f"{p}: no such config file")
-    try:
-        doc = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise InvalidConfigError(f"{p}: not valid TOML ({e})") from None
-    return parse_config(apply_overrides(doc, overrides or []), str(p), p.parent)
+    return parse_config(apply_overrides(read_toml(p), overrides or []), str(p), p.parent)
 
 
 # --------------------------------------------------------------------------------------------- checkpoints

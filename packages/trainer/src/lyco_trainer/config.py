@@ -10,13 +10,12 @@ Paths in the file are relative to the file's own folder.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from lyco_core.errors import InvalidConfigError, NotFoundError
+from lyco_core.configfile import apply_overrides, read_toml, validate
 
 
 class _Strict(BaseModel):
@@ -167,31 +166,6 @@ class TrainConfig(_Strict):
         return v
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """``["train.epochs=3", …]`` applied to a config dict (new dicts; the input is not changed)."""
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in doc.items()}
-    for item in overrides:
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise InvalidConfigError(f"--set {item!r}: expected key=value")
-        parts = key.strip().split(".")
-        node = out
-        for p in parts[:-1]:
-            child = node.get(p)
-            child = dict(child) if isinstance(child, dict) else {}
-            node[p] = child
-            node = child
-        node[parts[-1]] = _parse_value(value.strip())
-    return out
-
-
 def _resolve_paths(cfg: TrainConfig, root: Path) -> TrainConfig:
     def fix(p: Path | None) -> Path | None:
         return None if p is None or p.is_absolute() else root / p
@@ -207,32 +181,13 @@ def _resolve_paths(cfg: TrainConfig, root: Path) -> TrainConfig:
     return cfg
 
 
-def _first_error(e: ValidationError, source: str) -> str:
-    err = e.errors()[0]
-    where = ".".join(str(x) for x in err["loc"]) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        return f"{source}: unknown key {where!r}"
-    if err["type"] == "missing":
-        return f"{source}: missing key {where!r}"
-    return f"{source}: {where}: {err['msg']}"
-
-
 def parse_config(doc: dict[str, Any], source: str = "config", root: Path | None = None) -> TrainConfig:
     """Validate a config dict; errors are one line naming the key. Relative paths are taken from ``root``."""
-    try:
-        cfg = TrainConfig.model_validate(doc)
-    except ValidationError as e:
-        raise InvalidConfigError(_first_error(e, source)) from None
+    cfg = validate(TrainConfig, doc, source)
     return _resolve_paths(cfg, root) if root is not None else cfg
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """Read ``path`` (TOML), apply ``--set`` overrides, validate."""
     p = Path(path)
-    if not p.is_file():
-        raise NotFoundError(f"{p}: no such config file")
-    try:
-        doc = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise InvalidConfigError(f"{p}: not valid TOML ({e})") from None
-    return parse_config(apply_overrides(doc, overrides or []), str(p), p.parent)
+    return parse_config(apply_overrides(read_toml(p), overrides or []), str(p), p.parent)
