@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from sqlalchemy.exc import DataError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lyco_core.errors import FileExistsLycoError, LycoError, NotFoundError
@@ -65,6 +66,12 @@ async def _lyco_error(request: Request, exc: Exception) -> JSONResponse:
     code = status_for(exc)
     detail = one_line(str(exc)) or type(exc).__name__
     return JSONResponse({"detail": detail}, status_code=code)
+
+
+async def _unstorable_value(request: Request, exc: Exception) -> JSONResponse:
+    """A value the database cannot store (PostgreSQL text cannot hold NUL characters): the client's input, 422."""
+    reason = str(getattr(exc, "orig", exc)).splitlines()[0][:200]
+    return JSONResponse({"detail": f"a value in the request cannot be stored: {reason}"}, status_code=422)
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -168,6 +175,7 @@ def create_app(settings: Settings | None = None, *, init: bool = True) -> FastAP
     app.state.store = FileStore(settings.data_dir)
     app.state.metrics_registry = make_registry(engine)
     app.add_exception_handler(LycoError, _lyco_error)
+    app.add_exception_handler(DataError, _unstorable_value)
     app.add_exception_handler(Exception, _internal_error)
     app.add_middleware(_RequestMetrics)
 

@@ -188,3 +188,14 @@ def _fsync_dir(d: Path) -> None:
 def _rmdir_quiet(d: Path) -> None:
     with contextlib.suppress(OSError):
         d.rmdir()
+
+
+def resolve_under(root: Path, raw: str) -> Path | None:
+    """``raw`` (absolute, ``~``, or relative to ``root``) as a resolved path, or None when it is not a path under
+    ``root``: outside it after links are resolved, or not a path at all (a NUL character)."""
+    if "\x00" in raw:
+        return None
+    base = Path(root).resolve()
+    p = Path(raw).expanduser()
+    p = (p if p.is_absolute() else base / p).resolve()
+    return p if p.is_relative_to(base) else None

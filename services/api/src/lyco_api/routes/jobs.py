@@ -42,7 +42,7 @@ from ..db import Job, Session, StoredFile
 from ..jobs import TERMINAL, create_job, events_after, request_cancel, retry_job, transition
 from ..queue import BrokerUnavailableError, enqueue
 from ..settings import Settings
-from ..store import FileStore
+from ..store import FileStore, resolve_under
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -174,10 +174,8 @@ class _Resolver:
             if not p.exists():
                 raise _bad(f"{key}: file {value} is missing from the store")
             return str(p)
-        root = Path(self.settings.models_dir).resolve()
-        p = Path(value).expanduser()
-        p = (p if p.is_absolute() else root / p).resolve()
-        if not p.is_relative_to(root):
+        p = resolve_under(Path(self.settings.models_dir), value)
+        if p is None:
             raise _bad(f"{key}: {value!r} is neither a file id nor a path under the server's models folder")
         if not p.exists():
             raise _bad(f"{key}: {value!r}: no such file or folder in the models folder")

@@ -22,6 +22,7 @@ from lyco_core.errors import LycoError
 from ..auth import ReadPrincipal, SessionDep, StoreDep, SubmitPrincipal, visible
 from ..db import Session, StoredFile, new_id, utcnow
 from ..settings import Settings
+from ..store import resolve_under
 from ..uploads import MODELS_DIR, delete_stored, one_line, tree_digest
 from .files import FileList, FileOut, get_file
 
@@ -43,13 +44,10 @@ def _unprocessable(msg: str) -> HTTPException:
 
 def resolve_model_path(settings: Settings, raw: str) -> tuple[Path, str]:
     """(absolute path, path relative to models_dir) of a registration; 422 outside the folder or missing."""
-    if "\x00" in raw:
-        raise _unprocessable("path: NUL character")
     root = Path(settings.models_dir).resolve()
-    p = Path(raw).expanduser()
-    p = (p if p.is_absolute() else root / p).resolve()
-    if not p.is_relative_to(root):
-        raise _unprocessable(f"path: {raw!r} is outside the server's models folder")
+    p = resolve_under(root, raw)
+    if p is None:
+        raise _unprocessable(f"path: {raw!r} is not a path inside the server's models folder")
     if p == root:
         raise _unprocessable("path: name a model inside the models folder, not the folder itself")
     if not p.exists():
