@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from lyco_core.configfile import apply_overrides, read_toml, validate
 from lyco_core.errors import InvalidConfigError, NotFoundError
-from lyco_trainer.config import DataConfig, ModelConfig
+from lyco_trainer.config import DataConfig, ModelConfig, resolve_model_data_paths, under
 
 PromptType = Literal["train", "trigger", "alter", "style", "agnostic", "agnostic_class"]
 PROMPT_TYPES: tuple[PromptType, ...] = ("train", "trigger", "alter", "style", "agnostic", "agnostic_class")
@@ -240,23 +240,14 @@ class EvalConfig(_Strict):
 
 # --------------------------------------------------------------------------------------------- loading
 def _resolve_paths(cfg: EvalConfig, root: Path) -> EvalConfig:
-    def fix(p: Path | None) -> Path | None:
-        return None if p is None or p.is_absolute() else root / p
-
-    cfg.model.base = fix(cfg.model.base) or cfg.model.base
-    cfg.model.vae = fix(cfg.model.vae)
-    cfg.model.tokenizer = fix(cfg.model.tokenizer)
-    cfg.model.config_dir = fix(cfg.model.config_dir)
-    cfg.data.root = fix(cfg.data.root)
-    for c in cfg.data.concepts:
-        c.path = fix(c.path) or c.path
+    resolve_model_data_paths(cfg.model, cfg.data, root)
     for ck in cfg.checkpoints:
-        ck.path = fix(ck.path) or ck.path
-    cfg.prompts.templates = fix(cfg.prompts.templates)
-    cfg.encoders.dinov2 = fix(cfg.encoders.dinov2)
-    cfg.encoders.clip = fix(cfg.encoders.clip)
-    cfg.encoders.vgg19 = fix(cfg.encoders.vgg19)
-    cfg.output.dir = fix(cfg.output.dir) or cfg.output.dir
+        ck.path = under(root, ck.path) or ck.path
+    cfg.prompts.templates = under(root, cfg.prompts.templates)
+    cfg.encoders.dinov2 = under(root, cfg.encoders.dinov2)
+    cfg.encoders.clip = under(root, cfg.encoders.clip)
+    cfg.encoders.vgg19 = under(root, cfg.encoders.vgg19)
+    cfg.output.dir = under(root, cfg.output.dir) or cfg.output.dir
     return cfg
 
 

@@ -166,18 +166,26 @@ class TrainConfig(_Strict):
         return v
 
 
-def _resolve_paths(cfg: TrainConfig, root: Path) -> TrainConfig:
-    def fix(p: Path | None) -> Path | None:
-        return None if p is None or p.is_absolute() else root / p
+def under(root: Path, p: Path | None) -> Path | None:
+    """``p`` taken relative to ``root`` (the config file's folder) unless it is absolute or None."""
+    return None if p is None or p.is_absolute() else root / p
 
-    cfg.model.base = fix(cfg.model.base) or cfg.model.base
-    cfg.model.vae = fix(cfg.model.vae)
-    cfg.model.tokenizer = fix(cfg.model.tokenizer)
-    cfg.model.config_dir = fix(cfg.model.config_dir)
-    cfg.data.root = fix(cfg.data.root)
-    for c in cfg.data.concepts:
-        c.path = fix(c.path) or c.path
-    cfg.output.dir = fix(cfg.output.dir) or cfg.output.dir
+
+def resolve_model_data_paths(model: ModelConfig, data: DataConfig, root: Path) -> None:
+    """Make the relative paths of the ``[model]`` and ``[data]`` tables relative to ``root``, in place (the
+    trainer's and the evaluator's configs share both tables)."""
+    model.base = under(root, model.base) or model.base
+    model.vae = under(root, model.vae)
+    model.tokenizer = under(root, model.tokenizer)
+    model.config_dir = under(root, model.config_dir)
+    data.root = under(root, data.root)
+    for c in data.concepts:
+        c.path = under(root, c.path) or c.path
+
+
+def _resolve_paths(cfg: TrainConfig, root: Path) -> TrainConfig:
+    resolve_model_data_paths(cfg.model, cfg.data, root)
+    cfg.output.dir = under(root, cfg.output.dir) or cfg.output.dir
     return cfg
 
 
