@@ -65,7 +65,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 import zlib
@@ -75,6 +74,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from train_step import RssSampler  # bench/ is the script's folder, so its modules import
 
 SEED = 1234
 MB = 1024 * 1024
@@ -322,34 +322,6 @@ def warm_cache(paths: list[Path]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- measuring
-class RssSampler:
-    """Peak RSS of this process, sampled in a daemon thread."""
-
-    def __init__(self, interval: float = 0.005) -> None:
-        import psutil
-
-        self.proc = psutil.Process()
-        self.interval = interval
-        self.base = self.proc.memory_info().rss
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-
-
 def rel_error(delta: torch.Tensor, up: torch.Tensor, down: torch.Tensor, scale: float) -> float:
     """‖scale·up·down − ΔW‖_F / ‖ΔW‖_F, factors flattened kohya-style, norms in float64."""
     d = delta.reshape(delta.shape[0], -1).double()
@@ -536,7 +508,7 @@ def run_contender(name: str, args: argparse.Namespace) -> Result:
         te = tiny_clip()
     gc.collect()
     try:
-        with RssSampler() as sampler:
+        with RssSampler(interval=0.005) as sampler:
             t0 = time.perf_counter()
             if name == "extract-lyco":
                 info = run_extract_lyco(files, out, args)

@@ -262,14 +262,15 @@ BUILDERS: dict[str, Callable[[nn.Module, str], Built]] = {
 
 # ---------------------------------------------------------------------------------------------------- one contender
 class RssSampler:
-    """Peak RSS of this process, sampled in a daemon thread."""
+    """Peak RSS of this process, sampled in a daemon thread (also used by bench/ops.py)."""
 
     def __init__(self, interval: float = 0.002) -> None:
         import psutil
 
         self.proc = psutil.Process()
         self.interval = interval
-        self.peak = self.proc.memory_info().rss
+        self.base = self.proc.memory_info().rss  # RSS when the sampler was made
+        self.peak = self.base
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
