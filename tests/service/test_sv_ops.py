@@ -5,6 +5,7 @@ here (merge, rescale) or against the same ``lyco_core`` call made locally (resiz
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -23,7 +24,9 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load_file
 
 from lyco_api.app import create_app
+from lyco_api.db import OpResult, Session
 from lyco_core.files import read_adapter
+from lyco_core.ops.inspect import inspect_adapter
 
 KEYS = ["lora_unet_down_blocks_0_attentions_0_proj_in", "lora_te_text_model_encoder_layers_0_mlp_fc1",
         "lora_unet_down_blocks_0_resnets_0_conv1"]
@@ -143,6 +146,64 @@ def test_inspect(service: Service, assets: dict[str, Any]) -> None:
     assert full["modules"][KEYS[0]]["rank"] == 4
 
 
+def _job(service: Service, job_id: str) -> Any:
+    r = service.client.get(f"/api/v1/jobs/{job_id}", headers=service.user)
+    assert r.status_code == 200
+    return r.json()
+
+
+def _as_answered(report: dict[str, Any]) -> dict[str, Any]:
+    """A local ``inspect_adapter`` report as the API answers it (JSON, no server path)."""
+    return {k: v for k, v in json.loads(json.dumps(report)).items() if k != "file"}
+
+
+def test_inspect_is_answered_from_the_upload_and_equals_a_worker_run(service: Service, assets: dict[str, Any],
+                                                                    tmp_path: Path) -> None:
+    """The upload kept its inspect report, so an inspect needs no worker; a file a job wrote has no kept report, so
+    its first inspect runs on the worker and the next is answered from what that run kept. Every answer equals
+    ``inspect_adapter`` run here on the same bytes."""
+    cached = ok(op(service, "inspect", {"file_id": assets["b"], "modules": True}))
+    job = _job(service, cached["job_id"])
+    assert job["result"]["cached"] is True
+    assert job["worker"] is None  # never reached a worker
+    assert job["attempts"] == 0
+    assert [e["state"] for e in _events(service, cached["job_id"])] == ["queued", "succeeded"]
+    assert cached["report"] == _as_answered(inspect_adapter(assets["paths"]["b"]))
+
+    out = ok(op(service, "rescale", {"file_id": assets["b"], "multiplier": 0.5}))["file"]
+    ran = ok(op(service, "inspect", {"file_id": out["id"], "modules": True}))
+    job = _job(service, ran["job_id"])
+    assert "cached" not in job["result"]
+    assert job["worker"]
+    assert job["attempts"] == 1
+    assert ran["report"] == _as_answered(inspect_adapter(saved(tmp_path, download(service, out["id"]))))
+    with Session(bind=service.app.state.engine) as s:
+        kept = s.get(OpResult, job["params"]["cache_key"])
+        assert kept is not None
+        assert "file" not in kept.report  # no server path kept
+    again = ok(op(service, "inspect", {"file_id": out["id"]}))
+    assert _job(service, again["job_id"])["result"]["cached"] is True
+    assert again["report"] == {k: v for k, v in ran["report"].items() if k != "modules"}
+    # another user's copy of the same bytes is answered from the same report, under that user's own job
+    other = service.client.post("/api/v1/files/adapters", headers=service.other,
+                                files={"file": ("copy.safetensors", assets["paths"]["b"].read_bytes())})
+    assert other.status_code == 201
+    mine = ok(op(service, "inspect", {"file_id": other.json()["id"]}, service.other))
+    assert mine["report"] == {k: v for k, v in cached["report"].items() if k != "modules"}
+    assert service.client.get(f"/api/v1/jobs/{mine['job_id']}", headers=service.user).status_code == 404
+
+
+def _events(service: Service, job_id: str) -> list[dict[str, Any]]:
+    r = service.client.get(f"/api/v1/jobs/{job_id}/events", headers=service.user)
+    assert r.status_code == 200
+    out = []
+    for block in r.text.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line.startswith(":"))
+        if fields.get("event") == "state":
+            out.append(json.loads(fields["data"]))
+    return out
+
+
 def test_check(service: Service, assets: dict[str, Any]) -> None:
     rep = ok(op(service, "check", {"file_id": assets["a"], "base_model_id": assets["base"]}))["report"]
     assert rep["fits"] is True
@@ -252,7 +313,8 @@ def test_slow_answer_is_202_then_poll(service: Service, assets: dict[str, Any],
                               broker_url=service.settings.broker_url, admin_key=ADMIN_KEY,
                               models_dir=service.settings.models_dir, op_wait_s=0.001)
     with TestClient(create_app(settings)) as c:
-        r = c.post("/api/v1/ops/inspect", headers=service.user, json={"file_id": assets["a"]})
+        r = c.post("/api/v1/ops/check", headers=service.user,
+                   json={"file_id": assets["a"], "base_model_id": assets["base"]})
         assert r.status_code == 202
         assert r.json()["state"] in ("queued", "running")
         assert r.json()["report"] is None
@@ -263,5 +325,5 @@ def test_slow_answer_is_202_then_poll(service: Service, assets: dict[str, Any],
             assert time.monotonic() < deadline
             time.sleep(0.1)
         assert got["state"] == "succeeded"
-        assert got["report"]["module_count"] == 291
+        assert len(got["report"]["loaded"]) == 291
         assert c.get(url, headers=service.other).status_code == 404

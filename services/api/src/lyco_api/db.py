@@ -1,6 +1,6 @@
 """Database models and engine helpers (SQLAlchemy 2), for PostgreSQL (team server) and SQLite (``lyco serve``).
 
-Tables: ``users``, ``api_keys``, ``files``, ``jobs``, ``job_events``. JSON columns use the portable
+Tables: ``users``, ``api_keys``, ``files``, ``jobs``, ``job_events``, ``op_results``. JSON columns use the portable
 :class:`sqlalchemy.JSON` type (``json`` on PostgreSQL, text on SQLite); top-level changes of a dict or list column
 (``job.progress["step"] = 3``) are tracked. Timestamps are timezone-aware UTC on both back ends.
 """
@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -32,7 +33,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.ext.mutable import MutableDict, MutableList
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 from sqlalchemy.orm import Session as OrmSession
@@ -171,6 +172,18 @@ class JobEvent(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class OpResult(Base):
+    """The report of a pure adapter operation, keyed by a digest of the operation, its options and the sha256 of its
+    input files (see :mod:`lyco_api.opcache`): stored files never change, so the same inputs give the same report."""
+
+    __tablename__ = "op_results"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    op: Mapped[str] = mapped_column(String(16))
+    report: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 #: Session factory; bind it per use: ``Session(bind=engine)``. Objects stay readable after commit.
 Session = sessionmaker(expire_on_commit=False)
 
@@ -184,15 +197,22 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets WAL, foreign keys and a busy timeout (API and worker share the file)."""
+def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 30) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, foreign keys and a busy timeout (API and worker share the file).
+
+    JSON columns are parsed with orjson (several times faster than :mod:`json` on the ~100 KB inspect summaries
+    and reports rows hold). PostgreSQL: a pool of ``pool_size`` connections kept open plus ``max_overflow`` opened
+    under peaks (closed again when returned); connections idle for more than :data:`PING_IDLE_S` are checked before
+    use.
+    """
     url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         db = parsed.database
         if db and db != ":memory:" and not db.startswith("file:"):
             Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                               json_deserializer=orjson.loads)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -204,8 +224,40 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=30, pool_timeout=30,
-                         connect_args={"connect_timeout": 5})
+    engine = create_engine(url, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=30,
+                           connect_args={"connect_timeout": 5}, json_deserializer=orjson.loads)
+    _ping_when_idle(engine, PING_IDLE_S)
+    return engine
+
+
+#: A pooled connection unused for longer than this is checked with a round trip before it is handed out (s).
+PING_IDLE_S = 10.0
+
+
+def _ping_when_idle(engine: Engine, idle_s: float) -> None:
+    """Check a pooled connection before use only when it sat idle for more than ``idle_s`` seconds.
+
+    SQLAlchemy's ``pool_pre_ping`` costs a round trip on every checkout (a request checks out one or two); a
+    connection in steady use does not need it, and one that dropped while busy fails its query and is discarded by
+    SQLAlchemy's disconnect handling anyway. After a database restart the idle connections are found dead here,
+    and the pool replaces them without the request noticing.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _stamp(_dbapi_conn: Any, record: Any) -> None:
+        record.info["lyco_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("lyco_idle_since")
+        if since is None or time.monotonic() - since <= idle_s:
+            return
+        try:
+            with dbapi_conn.cursor() as cur:
+                cur.execute("SELECT 1")
+            dbapi_conn.rollback()
+        except Exception as e:
+            raise DisconnectionError(f"stale pooled connection: {type(e).__name__}") from e
 
 
 def init_db(engine: Engine) -> None:

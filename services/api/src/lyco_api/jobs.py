@@ -7,6 +7,7 @@ States::
       │  └────────┘  running → queued: the broker redelivers the job (worker lost); the next start is a new attempt
       └──▶ cancelled | failed   (cancelled before it started; failed when it could not be delivered)
     failed | cancelled ──▶ queued   (retry: see :func:`retry_job`)
+    (new) ──▶ succeeded              (an operation answered from the result cache: :func:`create_answered_job`)
 
 A transition is a compare-and-set on the state column, so two processes racing (the API cancelling a queued job
 while a worker starts it) cannot both win: the loser gets :class:`IllegalTransitionError`. Every transition adds a
@@ -24,7 +25,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from lyco_core.errors import InvalidConfigError, LycoError, NotFoundError
 
-from .db import JOB_KINDS, JOB_STATES, QUEUES, Job, JobEvent, utcnow
+from .db import JOB_KINDS, JOB_STATES, QUEUES, Job, JobEvent, new_id, utcnow
 
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -58,11 +59,27 @@ def create_job(s: OrmSession, user_id: int, kind: str, params: dict[str, Any], q
         raise InvalidConfigError(f"queue {queue!r} is not one of {', '.join(QUEUES)}")
     if max_attempts < 1:
         raise InvalidConfigError(f"max_attempts must be >= 1, got {max_attempts}")
-    job = Job(user_id=user_id, kind=kind, queue=queue, state="queued", params=dict(params), attempts=0,
+    job = Job(id=new_id(), user_id=user_id, kind=kind, queue=queue, state="queued", params=dict(params), attempts=0,
               max_attempts=max_attempts, cancel_requested=False, created_at=utcnow())
     s.add(job)
+    # one flush for both rows (the unit of work inserts the job before its event): a round trip less per submission
+    add_event(s, job.id, "state", {"state": "queued"}, flush=False)
     s.flush()
-    add_event(s, job.id, "state", {"state": "queued"})
+    return job
+
+
+def create_answered_job(s: OrmSession, user_id: int, kind: str, params: dict[str, Any], result: dict[str, Any],
+                        queue: str | None = None) -> Job:
+    """Add a job that is ``succeeded`` from the start with ``result`` (an operation answered from
+    :mod:`lyco_api.opcache`): it never reaches a queue or a worker, and its events are ``queued`` then ``succeeded``
+    so that event streams read as for any other job. Flushed, not committed."""
+    job = create_job(s, user_id, kind, params, queue)
+    now = utcnow()
+    for key, value in (("state", "succeeded"), ("result", dict(result)), ("started_at", now), ("finished_at", now),
+                       ("duration_s", 0.0)):
+        setattr(job, key, value)
+    add_event(s, job.id, "state", {"state": "succeeded", "from": "queued", "cached": True}, flush=False)
+    s.flush()
     return job
 
 
@@ -123,11 +140,12 @@ def transition(s: OrmSession, job: Job, state: str, **fields: Any) -> Job:
     return job
 
 
-def add_event(s: OrmSession, job_id: str, kind: str, data: dict[str, Any]) -> JobEvent:
-    """Append an event to a job's stream (flushed so that ``.id`` is set)."""
+def add_event(s: OrmSession, job_id: str, kind: str, data: dict[str, Any], *, flush: bool = True) -> JobEvent:
+    """Append an event to a job's stream (flushed so that ``.id`` is set, unless ``flush=False``)."""
     ev = JobEvent(job_id=job_id, kind=kind, data=dict(data), created_at=utcnow())
     s.add(ev)
-    s.flush()
+    if flush:
+        s.flush()
     return ev
 
 

@@ -97,11 +97,14 @@ def configure(data_dir: Path | None = None) -> Settings:
 
 
 def app_factory() -> FastAPI:
-    """The ASGI app for uvicorn's ``--factory`` (also used with ``--workers N``): ``create_app(get_settings())``."""
-    from .app import create_app
+    """The ASGI app for uvicorn's ``--factory`` (also used with ``--workers N``): ``create_app(get_settings())``,
+    in a process whose garbage collection is tuned for serving (:func:`lyco_api.app.tune_gc`)."""
+    from .app import create_app, tune_gc
     from .settings import get_settings
 
-    return create_app(get_settings())
+    app = create_app(get_settings())
+    tune_gc()
+    return app
 
 
 def prepare_database(settings: Settings) -> None:

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     job_hard_time_limit_s: int = Field(24 * 3600 + 600, gt=0, description="hard time limit of a job (kill)")
     max_attempts: int = Field(3, ge=1, description="deliveries of a job before it is marked failed")
     op_wait_s: float = Field(120.0, gt=0, description="how long an adapter-operation request waits for its CPU job")
+    api_threads: int = Field(
+        20, ge=1, le=1000, description="threads of one API process for blocking work (database, files); each holds at "
+        "most one database connection, so it is also the size of that process's PostgreSQL pool")
 
     @model_validator(mode="after")
     def _derive(self) -> Settings:

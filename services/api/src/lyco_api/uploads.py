@@ -186,8 +186,9 @@ INSPECT_SUMMARY_KEYS = (
 )
 
 
-def validate_adapter(path: Path, filename: str) -> dict[str, Any]:
-    """Check that ``path`` is an adapter file Lyco reads; returns its inspect summary (JSON-able dict).
+def validate_adapter(path: Path, filename: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Check that ``path`` is an adapter file Lyco reads; returns its inspect summary (the stored file's ``meta``)
+    and the whole inspect report (what ``POST /ops/inspect`` answers), both JSON-able.
 
     Raises :class:`UploadError` (400) with lyco_core's one-line reason, the temp path replaced by ``filename``.
     """
@@ -208,7 +209,7 @@ def validate_adapter(path: Path, filename: str) -> dict[str, Any]:
     lyco_meta = (info.get("metadata_split") or {}).get("lyco")
     if lyco_meta:
         summary["lyco_metadata"] = lyco_meta
-    return summary
+    return summary, info
 
 
 # --------------------------------------------------------------------------------------------- dataset zips

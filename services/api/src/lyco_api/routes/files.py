@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 from starlette.background import BackgroundTask
 
+from .. import opcache
 from ..auth import Principal, ReadPrincipal, SessionDep, SettingsDep, StoreDep, SubmitPrincipal, owned_or_404, visible
 from ..db import FILE_KINDS, Session, StoredFile
 from ..uploads import (
@@ -113,9 +114,14 @@ def get_file(s: Any, file_id: str, principal: Principal, kind: str | None = None
     return owned_or_404(f, principal, "file")
 
 
-def _register_adapter(engine: Any, store: Any, user_id: int, tmp: Path, name: str, meta: dict[str, Any]) -> FileOut:
+def _register_adapter(engine: Any, store: Any, user_id: int, tmp: Path, name: str, meta: dict[str, Any],
+                      report: dict[str, Any]) -> FileOut:
     with Session(bind=engine) as s:
         row = store.add(s, user_id, "adapter", tmp, name, meta, move=True)
+        # the upload's validation was an inspect: keep its report, so POST /ops/inspect on this file needs no job
+        key = opcache.result_key("inspect", {"adapter": row.sha256}, {})
+        if key is not None:
+            opcache.remember(s, key, "inspect", report)
         s.commit()
         return FileOut.of(row)
 
@@ -132,9 +138,9 @@ async def upload_adapter(request: Request, principal: SubmitPrincipal, settings:
         return upload_error(e)
     try:
         name = rec.fields.get("name") or rec.filename
-        meta = await run_in_threadpool(validate_adapter, rec.path, name)
+        meta, report = await run_in_threadpool(validate_adapter, rec.path, name)
         return await run_in_threadpool(_register_adapter, request.app.state.engine, store, principal.user_id,
-                                       rec.path, name, meta)
+                                       rec.path, name, meta, report)
     except UploadError as e:
         return upload_error(e)
     finally:

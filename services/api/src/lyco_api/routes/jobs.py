@@ -174,12 +174,12 @@ class _Resolver:
             if not p.exists():
                 raise _bad(f"{key}: file {value} is missing from the store")
             return str(p)
-        p = resolve_under(Path(self.settings.models_dir), value)
-        if p is None:
+        under = resolve_under(Path(self.settings.models_dir), value)
+        if under is None:
             raise _bad(f"{key}: {value!r} is neither a file id nor a path under the server's models folder")
-        if not p.exists():
+        if not under.exists():
             raise _bad(f"{key}: {value!r}: no such file or folder in the models folder")
-        return str(p)
+        return str(under)
 
 
 def _dig(doc: dict[str, Any], key: str) -> dict[str, Any]:

@@ -26,12 +26,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import opcache
 from ..auth import Principal, ReadPrincipal, SubmitPrincipal, owned_or_404
 from ..db import Job, Session, StoredFile
-from ..jobs import TERMINAL, create_job, transition
+from ..jobs import TERMINAL, create_answered_job, create_job, transition
 from ..queue import BrokerUnavailableError, enqueue
 from ..settings import Settings
-from ..uploads import stored_path
+from ..uploads import MODELS_DIR, stored_path
 from .files import ID_RE, FileOut
 
 router = APIRouter(prefix="/ops", tags=["ops"])
@@ -251,10 +252,13 @@ def _prepare(s: Any, principal: Principal, settings: Settings, store: Any, op: s
     kinds = body.kinds()
     refs: dict[str, str] = {}
     inputs: dict[str, str | list[str]] = {}
+    hashes: dict[str, str | list[str]] = {}
+    store_files = True
     first_name: str | None = None
     folder_base = False
     for name, value in body.inputs().items():
         paths: list[str] = []
+        digests: list[str] = []
         for fid in value if isinstance(value, list) else [value]:
             f = owned_or_404(s.get(StoredFile, fid) if ID_RE.fullmatch(fid) else None, principal, f"file {fid!r}")
             if f.kind != kinds[name]:
@@ -262,13 +266,19 @@ def _prepare(s: Any, principal: Principal, settings: Settings, store: Any, op: s
                                     f"{name}: file {fid} is a {f.kind}, expected a {kinds[name]}")
             p = stored_path(store, settings.models_dir, f)
             paths.append(str(p))
+            digests.append(f.sha256)
+            store_files = store_files and (f.meta or {}).get("location") != MODELS_DIR
             refs[str(p)] = fid
             if first_name is None and name in ("adapter", "adapters", "tuned"):
                 first_name = f.name
             if name == "base" and op == "bake" and p.is_dir():
                 folder_base = True
         inputs[name] = paths if isinstance(value, list) else paths[0]
+        hashes[name] = digests if isinstance(value, list) else digests[0]
     params: dict[str, Any] = {"op": op, "inputs": inputs, "options": body.options(), "refs": refs}
+    key = opcache.result_key(op, hashes, params["options"]) if store_files else None
+    if key is not None:
+        params["cache_key"] = key
     if isinstance(body, InspectBody) and body.modules:
         params["api"] = {"modules": True}
     if op not in ("inspect", "check"):
@@ -281,9 +291,20 @@ def _prepare(s: Any, principal: Principal, settings: Settings, store: Any, op: s
     return params
 
 
-def _submit(engine: Any, principal: Principal, settings: Settings, store: Any, op: str, body: OpBody) -> str:
+def _submit(engine: Any, principal: Principal, settings: Settings, store: Any, op: str,
+            body: OpBody) -> tuple[str, Job | None]:
+    """Queue the op job; returns its id, and the job itself when it was answered from :mod:`lyco_api.opcache`."""
     with Session(bind=engine) as s:
         params = _prepare(s, principal, settings, store, op, body)
+        key = params.get("cache_key")
+        report = opcache.lookup(s, key) if key else None
+        if report is not None:  # the job row refers to the kept report instead of holding a copy of it
+            job = create_answered_job(s, principal.user_id, "op", params,
+                                      {"op": op, "cached": True, "report_key": key}, "cpu")
+            s.commit()
+            s.expunge(job)
+            job.result = {**(job.result or {}), "report": report}  # detached: answered from here, not stored
+            return job.id, job
         job = create_job(s, principal.user_id, "op", params, "cpu", max_attempts=settings.max_attempts)
         s.commit()
         try:
@@ -292,7 +313,7 @@ def _submit(engine: Any, principal: Principal, settings: Settings, store: Any, o
             transition(s, job, "failed", error=str(e))
             s.commit()
             raise
-        return job.id
+        return job.id, None
 
 
 def _snapshot(engine: Any, job_id: str) -> tuple[str, Job]:
@@ -324,14 +345,25 @@ def op_out(engine: Any, settings: Settings, job: Job) -> OpOut:
     params = job.params or {}
     op = str(params.get("op", "?"))
     out = OpOut(job_id=job.id, op=op, state=job.state, error=job.error)
-    result = job.result or {}
+    result = dict(job.result or {})
+    key = params.get("cache_key")
+    if job.state == "succeeded" and result.get("cached") and "report" not in result:
+        with Session(bind=engine) as s:
+            result["report"] = opcache.lookup(s, str(result.get("report_key"))) or {}
+    elif job.state == "succeeded" and key and not result.get("cached") and isinstance(result.get("report"), dict):
+        with Session(bind=engine) as s:
+            opcache.remember(s, key, op, result["report"])
+            s.commit()
     if job.state == "succeeded" and "report" in result:
-        refs = params.get("refs") or {}
-        subs = sorted(((str(k), str(v)) for k, v in refs.items()), key=lambda kv: -len(kv[0]))
-        subs.append((str(job_dir(settings, job.id) / "out") + "/", ""))
-        subs.append((str(settings.data_dir), "<data>"))
-        subs.append((str(settings.models_dir), "<models>"))
-        report = _scrub(result["report"], subs)
+        if result.get("cached"):  # kept without server paths: nothing to scrub
+            report = dict(result["report"])
+        else:
+            refs = params.get("refs") or {}
+            subs = sorted(((str(k), str(v)) for k, v in refs.items()), key=lambda kv: -len(kv[0]))
+            subs.append((str(job_dir(settings, job.id) / "out") + "/", ""))
+            subs.append((str(settings.data_dir), "<data>"))
+            subs.append((str(settings.models_dir), "<models>"))
+            report = _scrub(result["report"], subs)
         if isinstance(report, dict) and op == "inspect":
             report.pop("file", None)
             if not (params.get("api") or {}).get("modules"):
@@ -350,15 +382,17 @@ async def run_op(request: Request, response: Response, principal: Principal, op:
     app = request.app
     settings: Settings = app.state.settings
     engine = app.state.engine
-    job_id = await run_in_threadpool(_submit, engine, principal, settings, app.state.store, op, body)
+    job_id, answered = await run_in_threadpool(_submit, engine, principal, settings, app.state.store, op, body)
     deadline = time.monotonic() + settings.op_wait_s
     pause = POLL_FIRST_S
-    while True:
+    while answered is None:
         state, job = await run_in_threadpool(_snapshot, engine, job_id)
         if state in TERMINAL or time.monotonic() >= deadline:
             break
         await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
         pause = min(pause * 1.5, POLL_MAX_S)
+    else:
+        state, job = answered.state, answered
     out = await run_in_threadpool(op_out, engine, settings, job)
     if state == "succeeded":
         return out
