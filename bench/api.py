@@ -184,8 +184,8 @@ def deployment(mode: str, args: argparse.Namespace, run_dir: Path) -> Any:
                                 "WARNING"], env, run_dir, run_dir / "worker.log"))
         else:
             procs.append(start([sys.executable, "-m", "lyco_api.serve", "--data-dir", str(data), "--port",
-                                str(port), "--queues", "cpu", "--log-level", "warning"], base_env(), run_dir,
-                               run_dir / "serve.log"))
+                                str(port), "--queues", "cpu", "--workers", str(args.embedded_workers),
+                                "--log-level", "warning"], base_env(), run_dir, run_dir / "serve.log"))
         wait_ready(url, procs)
         yield url
     finally:
@@ -308,7 +308,8 @@ def bench_mode(mode: str, args: argparse.Namespace, adapter: Path) -> list[dict[
                 out = {kind: st.summary(args.seconds) for kind, st in stats.items()}
                 results.append({"mode": mode, "think_s": think, "clients": args.clients,
                                 "inspect_clients": inspectors(args),
-                                "api_workers": args.api_workers if mode == "server" else 1, "seconds": args.seconds,
+                                "api_workers": args.api_workers if mode == "server" else args.embedded_workers,
+                                "seconds": args.seconds,
                                 "elapsed_s": elapsed, "loadavg_1m_before": load0,
                                 "loadavg_1m_after": os.getloadavg()[0], "cold_inspect_ms": cold, **out})
     finally:
@@ -366,6 +367,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="fraction of the clients that call inspect; the others submit jobs (default 0.5)")
     p.add_argument("--api-workers", type=int, default=2,
                    help="API server processes in server mode (lyco serve --workers; default 2, as compose)")
+    p.add_argument("--embedded-workers", type=int, default=1,
+                   help="API processes in embedded mode (lyco serve --workers; default 1, as lyco serve)")
     p.add_argument("--seconds", type=float, default=60.0, help="duration of each phase")
     p.add_argument("--think", type=lambda v: [float(x) for x in v.split(",") if x.strip()], default=[1.0, 0.0],
                    help="phases: mean think time (s, exponential) of a client between an answer and its next "

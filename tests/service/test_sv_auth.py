@@ -369,3 +369,42 @@ def test_cli_registers_under_lyco(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert "--name" in help_text
     assert re.search(r"read,\s*submit", help_text)
 
+
+
+# ---- the per-process key cache --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ttl", [0.0, 1.0])
+def test_key_revoked_by_another_process_stops_working_within_the_cache_time(svc: Service, tmp_path: Path,
+                                                                            ttl: float) -> None:
+    """Another API process (here: the database row changed behind this app's back) revokes a key: this process
+    trusts it for at most ``auth_cache_s`` more seconds; a revocation through this process is immediate."""
+    import time
+
+    settings = build_settings(tmp_path / "d", database_url=svc.settings.database_url,
+                              broker_url=svc.settings.broker_url, auth_cache_s=ttl)
+    with TestClient(create_app(settings)) as c:
+        r = c.post("/api/v1/admin/keys", json={"name": f"cache-{ttl}", "scopes": ["read"]}, headers=svc.admin)
+        key, prefix = r.json()["key"], r.json()["prefix"]
+        assert c.get("/api/v1/me", headers=_h(key)).status_code == 200  # looked up, now trusted for ttl
+        with session_scope(c.app.state.engine) as s:  # type: ignore[attr-defined]
+            s.execute(text("UPDATE api_keys SET revoked_at = now() WHERE prefix = :p"), {"p": prefix})
+        revoked_at = time.monotonic()
+        codes = []
+        while time.monotonic() - revoked_at < ttl + 1.0:
+            codes.append(c.get("/api/v1/me", headers=_h(key)).status_code)
+            if codes[-1] == 401:
+                break
+            time.sleep(0.05)
+        assert codes[-1] == 401
+        assert time.monotonic() - revoked_at <= ttl + 0.5
+        if ttl == 0:
+            assert codes == [401]
+        else:
+            assert codes[0] == 200  # still trusted right after
+
+        r = c.post("/api/v1/admin/keys", json={"name": f"cache2-{ttl}", "scopes": ["read"]}, headers=svc.admin)
+        key2, prefix2 = r.json()["key"], r.json()["prefix"]
+        assert c.get("/api/v1/me", headers=_h(key2)).status_code == 200
+        assert c.delete(f"/api/v1/admin/keys/{prefix2}", headers=svc.admin).status_code == 200
+        assert c.get("/api/v1/me", headers=_h(key2)).status_code == 401  # through this process: at once

@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lyco_core.errors import FileExistsLycoError, LycoError, NotFoundError
 
-from .auth import ensure_admin_key
+from .auth import PrincipalCache, ensure_admin_key
 from .db import init_db, make_engine
 from .jobs import IllegalTransitionError
 from .queue import BrokerUnavailableError
@@ -198,6 +198,7 @@ def create_app(settings: Settings | None = None, *, init: bool = True) -> FastAP
     app.state.settings = settings
     app.state.engine = engine
     app.state.store = FileStore(settings.data_dir)
+    app.state.principals = PrincipalCache(settings.auth_cache_s)
     app.state.metrics_registry = make_registry(engine)
     app.add_exception_handler(LycoError, _lyco_error)
     app.add_exception_handler(DataError, _unstorable_value)

@@ -17,11 +17,15 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import threading
+import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 from fastapi import Depends, HTTPException, Request, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Connection, Select, select
 from sqlalchemy.exc import IntegrityError
@@ -154,6 +158,7 @@ def revoke_key(s: OrmSession, prefix: str) -> ApiKey:
     if row.revoked_at is None:
         row.revoked_at = utcnow()
         s.flush()
+    PrincipalCache.clear_all()
     return row
 
 
@@ -208,17 +213,72 @@ _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API k
 _UNAUTHORIZED = {"WWW-Authenticate": "Bearer"}
 
 
-def _principal(request: Request,
-               bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-               header: Annotated[str | None, Depends(_header)]) -> Principal:
+class PrincipalCache:
+    """Keys this process found valid in the last ``ttl_s`` seconds (sha256 → principal), so that a client sending
+    request after request is not looked up in the database each time.
+
+    Only valid keys are kept (an unknown key is looked up every time). Revoking a key through this process
+    (:func:`revoke_key`: the admin route, ``lyco admin revoke-key`` in this process) empties every cache at once;
+    other API processes stop accepting it within ``ttl_s`` (``LYCO_AUTH_CACHE_S``; 0 turns the cache off).
+    """
+
+    _all: ClassVar[weakref.WeakSet[PrincipalCache]] = weakref.WeakSet()
+
+    def __init__(self, ttl_s: float, max_keys: int = 4096) -> None:
+        self.ttl_s = ttl_s
+        self.max_keys = max_keys
+        self._items: dict[str, tuple[float, Principal]] = {}
+        self._lock = threading.Lock()
+        PrincipalCache._all.add(self)
+
+    def get(self, digest: str) -> Principal | None:
+        with self._lock:
+            item = self._items.get(digest)
+        if item is None or item[0] < time.monotonic():
+            return None
+        return item[1]
+
+    def put(self, digest: str, principal: Principal) -> None:
+        if self.ttl_s <= 0:
+            return
+        with self._lock:
+            if len(self._items) >= self.max_keys:
+                self._items.clear()
+            self._items[digest] = (time.monotonic() + self.ttl_s, principal)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    @classmethod
+    def clear_all(cls) -> None:
+        """Empty every cache of this process (a key was revoked)."""
+        for cache in list(cls._all):
+            cache.clear()
+
+
+def _lookup_principal(engine: Any, key: str) -> Principal | None:
+    # one statement outside a transaction: no BEGIN / ROLLBACK round trips
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        return principal_for_key(conn, key)
+
+
+async def _principal(request: Request,
+                     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+                     header: Annotated[str | None, Depends(_header)]) -> Principal:
     key = bearer.credentials if bearer is not None else header
     if not key:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing API key", headers=_UNAUTHORIZED)
-    # one statement outside a transaction: no BEGIN / ROLLBACK round trips on every request
-    with request.app.state.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        principal = principal_for_key(conn, key.strip())
+    key = key.strip()
+    cache: PrincipalCache = request.app.state.principals
+    digest = hash_key(key)
+    principal = cache.get(digest)
     if principal is None:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid or revoked API key", headers=_UNAUTHORIZED)
+        principal = await run_in_threadpool(_lookup_principal, request.app.state.engine, key)
+        if principal is None:
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid or revoked API key",
+                                headers=_UNAUTHORIZED)
+        cache.put(digest, principal)
     return principal
 
 

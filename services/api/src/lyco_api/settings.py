@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     job_hard_time_limit_s: int = Field(24 * 3600 + 600, gt=0, description="hard time limit of a job (kill)")
     max_attempts: int = Field(3, ge=1, description="deliveries of a job before it is marked failed")
     op_wait_s: float = Field(120.0, gt=0, description="how long an adapter-operation request waits for its CPU job")
+    auth_cache_s: float = Field(
+        2.0, ge=0, le=3600, description="how long an API process trusts a key it found valid before looking it up "
+        "again (s); a key revoked through another process stops working within this time; 0: look up every request")
     api_threads: int = Field(
         20, ge=1, le=1000, description="threads of one API process for blocking work (database, files); each holds at "
         "most one database connection, so it is also the size of that process's PostgreSQL pool")
