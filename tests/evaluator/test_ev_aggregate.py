@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from scipy.stats import rankdata
 from lyco_core.errors import InvalidConfigError
 from lyco_evaluator.aggregate import (
     MAIN_COLUMNS,
+    SHAP_FEATURES,
     AggregateRow,
     CheckpointInfo,
     MetricRow,
@@ -27,6 +29,7 @@ from lyco_evaluator.aggregate import (
     shap_analysis,
     shap_feature_table,
 )
+from lyco_evaluator.report import beeswarm_plot
 
 
 def test_rank_scores_spec_vector() -> None:
@@ -200,3 +203,43 @@ def test_shap_needs_the_extra(monkeypatch: pytest.MonkeyPatch, missing: str) -> 
     monkeypatch.setitem(sys.modules, missing, None)  # makes `import <missing>` raise ImportError
     with pytest.raises(InvalidConfigError, match=r"lyco-evaluator\[shap\]"):
         shap_analysis([CheckpointInfo("a", algo="lora")], [])
+
+
+def test_shap_analysis_attributes_the_rank_to_the_feature_that_drives_it(tmp_path: Path) -> None:
+    """A real CatBoost + SHAP run (the evaluator's [shap] extra): the rank depends on the learning-rate level only,
+    so that feature carries the SHAP values, increasing with the level; full fine-tuning's Capacity is folded into
+    Algo; the beeswarm plot is written."""
+    algos = [("lora", "dim", 8), ("lora", "dim", 32), ("loha", "dim", 4), ("lokr", "factor", 8)]
+    infos, aggs = [], []
+    for i in range(30):
+        algo, kind, size = algos[i % 4]
+        level = i % 3 + 1
+        info = CheckpointInfo(f"c{i}", algo=algo, preset=["attn-only", "attn-mlp", "full"][(i // 3) % 3],
+                              epoch=[10, 30, 50][(i // 9) % 3], lr=[1e-4, 5e-4, 1e-3][level - 1],
+                              **{kind: size})
+        infos.append(info)
+    infos += [CheckpointInfo("f1", algo="full", preset="full", epoch=10, lr=5e-7),
+              CheckpointInfo("f2", algo="full", preset="full", epoch=30, lr=5e-6)]
+    levels = {r["id"]: r["Lr Level"] for r in shap_feature_table(infos)}
+    for info in infos:
+        rank = (levels[info.id] - 1) / 2
+        aggs.append(AggregateRow(info.id, "all", "all", "train", "image_similarity", rank, 0.0, 0.0, 1,
+                                 rank_mean=rank))
+    (res,) = shap_analysis(infos, aggs, columns=[("image_similarity", "train")])
+    assert res.values.shape == (32, 5)
+    strength = np.abs(res.values).mean(axis=0)
+    lr_col = SHAP_FEATURES.index("Lr Level")
+    assert strength[lr_col] > 5 * max(s for k, s in enumerate(strength) if k != lr_col), strength
+    by_level = {lv: res.values[[k for k, f in enumerate(res.features) if f["Lr Level"] == lv], lr_col].mean()
+                for lv in (1.0, 2.0, 3.0)}
+    assert by_level[1.0] < by_level[2.0] < by_level[3.0]
+    # additivity: prediction = base + Σ SHAP, and the model fits these targets
+    offset = res.values.sum(axis=1) - np.asarray(res.target)
+    assert float(np.std(offset)) < 0.05
+    full = [k for k, f in enumerate(res.features) if f["Algo"] == "full"]
+    assert len(full) == 2
+    assert all(res.values[k, SHAP_FEATURES.index("Capacity")] == 0.0 for k in full)
+    assert all(math.isnan(res.features[k]["Capacity"]) for k in full)
+    png = beeswarm_plot(res, tmp_path / "shap.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 5000
