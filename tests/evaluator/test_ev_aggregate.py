@@ -23,9 +23,12 @@ from lyco_evaluator.aggregate import (
     criterion_of,
     criterion_scores,
     find_aggregate,
+    harmonic_mean,
     higher_is_better,
     rank_scores,
     ranking_table,
+    run_key,
+    select_best_step,
     shap_analysis,
     shap_feature_table,
 )
@@ -243,3 +246,27 @@ def test_shap_analysis_attributes_the_rank_to_the_feature_that_drives_it(tmp_pat
     png = beeswarm_plot(res, tmp_path / "shap.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size > 5000
+
+
+def test_select_best_step_takes_the_highest_harmonic_mean_per_run() -> None:
+    cols = [("image_similarity", "train"), ("text_similarity", "alter")]
+    # run A: epoch 10 is best on one column only, epoch 30 is good on both (harmonic mean prefers it)
+    ranks = {"a10": (1.0, 0.1), "a30": (0.6, 0.6), "a50": (0.5, 0.5),
+             # run B (other lr): a zero on one column makes a step lose; 20 and 40 tie, the earlier wins
+             "b10": (0.9, 0.0), "b20": (0.4, 0.8), "b40": (0.8, 0.4),
+             # run C given by name: its steps differ in lr but are one run
+             "c1": (0.2, 0.2), "c2": (0.3, 0.3)}
+    infos = [CheckpointInfo(f"a{e}", algo="lora", preset="attn-mlp", dim=8, lr=1e-4, epoch=e) for e in (10, 30, 50)]
+    infos += [CheckpointInfo(f"b{e}", algo="lora", preset="attn-mlp", dim=8, lr=1e-3, epoch=e) for e in (40, 20, 10)]
+    infos += [CheckpointInfo("c1", algo="loha", lr=1e-4, epoch=1, extra={"run": "c"}),
+              CheckpointInfo("c2", algo="loha", lr=5e-4, epoch=2, extra={"run": "c"}),
+              CheckpointInfo("d1", algo="lokr", epoch=1)]  # no aggregates: left out
+    aggs = [AggregateRow(ck, "all", "all", pt, metric, r, 0.0, 0.0, 1, rank_mean=r)
+            for ck, pair in ranks.items() for (metric, pt), r in zip(cols, pair, strict=True)]
+    best = select_best_step(infos, aggs, cols)
+    assert best == {run_key(infos[0]): "a30", run_key(infos[3]): "b20", ("run", "c"): "c2"}
+    assert harmonic_mean([0.6, 0.6]) == pytest.approx(0.6)
+    assert harmonic_mean([1.0, 0.1]) == pytest.approx(2 / 11)
+    assert harmonic_mean([0.5, 0.0]) == 0.0
+    with pytest.raises(ValueError, match="finite"):
+        harmonic_mean([0.5, math.nan])

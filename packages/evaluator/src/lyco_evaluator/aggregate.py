@@ -7,6 +7,7 @@
   for distances (SCD, style loss, FD), so **1 is always best and 0 worst**.
 * :func:`aggregate`: sub-classes are averaged into their class (no spread), then classes into their category and
   into ``all`` (mean, sample std, stderr = std/√count), for raw values and rank scores alike.
+* :func:`select_best_step`: per training run, the step whose ranks have the highest harmonic mean (official code).
 * :func:`criterion_scores` / :func:`ranking_table`: one score per criterion and checkpoint (mean normalized rank of
   the criterion's main columns), and the integer ranking like the paper's Table 1 (higher is better).
 * :func:`shap_feature_table` / :func:`shap_analysis`: the paper's Figure 2 SHAP analysis (CatBoost over algorithm,
@@ -395,6 +396,55 @@ def checkpoint_info_from_file(checkpoint_id: str, path: Path, label: str = "") -
         except ValueError:
             pass
     return info
+
+
+# --------------------------------------------------------------------------------------------- best step
+def run_key(info: CheckpointInfo) -> tuple[Any, ...]:
+    """What makes checkpoints steps of one training run: ``extra["run"]`` when given, else every training setting
+    but the epoch (algorithm, preset, dim, factor, lr, capacity, lr level)."""
+    if "run" in info.extra:
+        return ("run", str(info.extra["run"]))
+    return (_algo(info), info.preset, info.dim, info.factor, info.lr, info.capacity, info.lr_level)
+
+
+def harmonic_mean(values: Sequence[float]) -> float:
+    """n / Σ 1/vᵢ of non-negative values; 0 when any value is 0 (NaN for none)."""
+    if not values:
+        return math.nan
+    if any(v < 0 or not math.isfinite(v) for v in values):
+        raise ValueError(f"harmonic mean of {list(values)}: values must be finite and >= 0")
+    if any(v == 0 for v in values):
+        return 0.0
+    return len(values) / sum(1.0 / v for v in values)
+
+
+def select_best_step(
+    infos: Sequence[CheckpointInfo],
+    aggregates: Sequence[AggregateRow],
+    columns: Sequence[tuple[str, str]],
+    group: str = "all",
+) -> dict[tuple[Any, ...], str]:
+    """The official ``select_best_step``: per training run (:func:`run_key`), the checkpoint whose mean normalized
+    ranks over ``columns`` (metric, prompt type) at ``group`` have the highest harmonic mean, so a step must do well
+    on every column, not on one. Checkpoints missing a column are left out; ties go to the earliest epoch.
+    Returns run key → checkpoint id.
+    """
+    best: dict[tuple[Any, ...], tuple[float, float, str]] = {}
+    for info in infos:
+        ranks = []
+        for metric, pt in columns:
+            a = find_aggregate(aggregates, info.id, metric, pt, group)
+            if a is None or a.rank_mean is None or not math.isfinite(a.rank_mean):
+                break
+            ranks.append(a.rank_mean)
+        else:
+            score = harmonic_mean(ranks)
+            epoch = float(info.epoch) if info.epoch is not None else math.inf
+            key = run_key(info)
+            held = best.get(key)
+            if held is None or score > held[0] or (score == held[0] and epoch < held[1]):
+                best[key] = (score, epoch, info.id)
+    return {key: ck for key, (_s, _e, ck) in best.items()}
 
 
 # --------------------------------------------------------------------------------------------- SHAP
