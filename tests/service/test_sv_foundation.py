@@ -18,14 +18,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import redis
-from conftest import Service, build_settings
+from conftest import PG_ADMIN_DSN, Service, build_settings
 from fastapi import APIRouter, FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -767,3 +768,22 @@ def test_routers_mounted_only_when_they_import(make_settings: Any, sqlite_url: s
 def test_terminal_states() -> None:
     assert frozenset({"succeeded", "failed", "cancelled"}) == TERMINAL
     assert JobEvent.__tablename__ == "job_events"
+
+
+def test_idle_pooled_connection_that_died_is_replaced(pg_engine: Engine) -> None:
+    """Pooled connections are pinged only after PING_IDLE_S idle: one the server closed meanwhile (a database
+    restart) is found dead at checkout and replaced, and the caller does not notice."""
+    with pg_engine.connect() as conn:
+        pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:  # outside the pool: the pool keeps one connection
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        for _ in range(100):
+            if not admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]:
+                break
+            time.sleep(0.05)
+    records = list(pg_engine.pool._pool.queue)  # type: ignore[attr-defined]
+    assert len(records) == 1
+    records[0].info["lyco_idle_since"] = time.monotonic() - 60  # idle for a minute: checked at checkout
+    with pg_engine.connect() as conn:
+        assert conn.execute(text("SELECT 1")).scalar_one() == 1
+        assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() != pid
