@@ -169,10 +169,17 @@ def test_single_file_loads_like_the_folder(tiny: dict[str, Path], tmp_path: Path
     assert single.family == family  # read from the file (OpenCLIP text encoder → sd2)
     assert single.prediction == "epsilon"  # config_dir's scheduler config
     assert single.model_hash == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert torch.equal(_unet_out(single.unet, family), _unet_out(ref.unet, family))
+    # the same weights, bit for bit; outputs equal up to float rounding: the single file's tensors are memory-mapped at
+    # arbitrary offsets, and CPU kernels take other code paths on unaligned memory (differences of ~1e-7)
+    for name, model in (("unet", "unet"), ("vae", "vae")):
+        got, want = getattr(single, model).state_dict(), getattr(ref, model).state_dict()
+        assert got.keys() == want.keys(), name
+        assert all(torch.equal(got[k], want[k]) for k in want), name
+    torch.testing.assert_close(_unet_out(single.unet, family), _unet_out(ref.unet, family), rtol=0, atol=1e-5)
     px = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
-        assert torch.equal(single.vae.encode(px).latent_dist.mean, ref.vae.encode(px).latent_dist.mean)
+        torch.testing.assert_close(single.vae.encode(px).latent_dist.mean, ref.vae.encode(px).latent_dist.mean,
+                                   rtol=0, atol=1e-5)
         z = torch.ones(1, 4, 4, 4)
         assert torch.equal(single.vae.decode(z).sample, ref.vae.decode(z).sample)
         a, b = encode_text(single, CAPTIONS), encode_text(ref, CAPTIONS)
