@@ -162,17 +162,12 @@ def revoke_key(s: OrmSession, prefix: str) -> ApiKey:
     return row
 
 
-def _key_lookup(digest: str) -> Any:
-    return (select(ApiKey.scopes, ApiKey.revoked_at, ApiKey.prefix, User.id, User.is_admin)
-            .join(User, User.id == ApiKey.user_id).where(ApiKey.key_hash == digest))
-
-
 def principal_for_key(s: OrmSession | Connection, key: str) -> Principal | None:
     """The principal of a valid, unrevoked key, else None (``s``: a session or a connection)."""
-    return _principal_of(s.execute(_key_lookup(hash_key(key))).first())
-
-
-def _principal_of(row: Any) -> Principal | None:
+    row = s.execute(
+        select(ApiKey.scopes, ApiKey.revoked_at, ApiKey.prefix, User.id, User.is_admin)
+        .join(User, User.id == ApiKey.user_id).where(ApiKey.key_hash == hash_key(key))
+    ).first()
     if row is None or row.revoked_at is not None:
         return None
     scopes = expand_scopes(list(row.scopes or []))

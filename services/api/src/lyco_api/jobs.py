@@ -49,9 +49,7 @@ class IllegalTransitionError(LycoError):
     """A job cannot move from its current state to the one asked for (the API answers 409)."""
 
 
-def create_job(s: OrmSession, user_id: int, kind: str, params: dict[str, Any], queue: str | None = None,
-               *, max_attempts: int = 3) -> Job:
-    """Add a ``queued`` job (flushed, not committed: commit before :func:`lyco_api.queue.enqueue`)."""
+def _new_job(user_id: int, kind: str, params: dict[str, Any], queue: str | None, max_attempts: int) -> Job:
     if kind not in JOB_KINDS:
         raise InvalidConfigError(f"job kind {kind!r} is not one of {', '.join(JOB_KINDS)}")
     queue = queue or DEFAULT_QUEUE[kind]
@@ -59,8 +57,14 @@ def create_job(s: OrmSession, user_id: int, kind: str, params: dict[str, Any], q
         raise InvalidConfigError(f"queue {queue!r} is not one of {', '.join(QUEUES)}")
     if max_attempts < 1:
         raise InvalidConfigError(f"max_attempts must be >= 1, got {max_attempts}")
-    job = Job(id=new_id(), user_id=user_id, kind=kind, queue=queue, state="queued", params=dict(params), attempts=0,
-              max_attempts=max_attempts, cancel_requested=False, created_at=utcnow())
+    return Job(id=new_id(), user_id=user_id, kind=kind, queue=queue, state="queued", params=dict(params), attempts=0,
+               max_attempts=max_attempts, cancel_requested=False, created_at=utcnow())
+
+
+def create_job(s: OrmSession, user_id: int, kind: str, params: dict[str, Any], queue: str | None = None,
+               *, max_attempts: int = 3) -> Job:
+    """Add a ``queued`` job (flushed, not committed: commit before :func:`lyco_api.queue.enqueue`)."""
+    job = _new_job(user_id, kind, params, queue, max_attempts)
     s.add(job)
     # one flush for both rows (the unit of work inserts the job before its event): a round trip less per submission
     add_event(s, job.id, "state", {"state": "queued"}, flush=False)
@@ -72,12 +76,12 @@ def create_answered_job(s: OrmSession, user_id: int, kind: str, params: dict[str
                         queue: str | None = None) -> Job:
     """Add a job that is ``succeeded`` from the start with ``result`` (an operation answered from
     :mod:`lyco_api.opcache`): it never reaches a queue or a worker, and its events are ``queued`` then ``succeeded``
-    so that event streams read as for any other job. Flushed, not committed."""
-    job = create_job(s, user_id, kind, params, queue)
-    now = utcnow()
-    for key, value in (("state", "succeeded"), ("result", dict(result)), ("started_at", now), ("finished_at", now),
-                       ("duration_s", 0.0)):
-        setattr(job, key, value)
+    so that event streams read as for any other job. Inserted in its final state; flushed, not committed."""
+    job = _new_job(user_id, kind, params, queue, 3)
+    now = job.created_at
+    job.state, job.result, job.started_at, job.finished_at, job.duration_s = "succeeded", dict(result), now, now, 0.0
+    s.add(job)
+    add_event(s, job.id, "state", {"state": "queued"}, flush=False)
     add_event(s, job.id, "state", {"state": "succeeded", "from": "queued", "cached": True}, flush=False)
     s.flush()
     return job

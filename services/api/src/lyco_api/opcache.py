@@ -19,6 +19,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as OrmSession
 
@@ -81,7 +82,7 @@ def lookup(s: OrmSession, key: str) -> dict[str, Any] | None:
 def remember(s: OrmSession, key: str, op: str, report: dict[str, Any]) -> None:
     """Keep ``report`` under ``key`` (flushed in a savepoint; a report already kept by another request wins)."""
     kept = portable(report)
-    if s.get(OpResult, key) is None:
+    if s.scalar(select(OpResult.key).where(OpResult.key == key)) is None:  # the key only: not the whole report
         try:
             with s.begin_nested():
                 s.add(OpResult(key=key, op=op, report=kept, created_at=utcnow()))
