@@ -29,7 +29,8 @@ Frobenius error ‖ΔW_lora − ΔW‖/‖ΔW‖, ΔW recomputed from the two fi
 
 Bake (the LoCon into the base UNet file, written as a new safetensors file):
 
-* ``bake-lyco``: ``lyco_core.ops.bake.bake(base_file, [locon], out)`` (streamed; atomic write with fsync).
+* ``bake-lyco``: ``lyco_core.ops.bake.bake(base_file, [locon], out)`` (streamed; direct I/O; atomic write with
+  fsync).
 * ``bake-lycoris``: ``UNet2DConditionModel.from_pretrained(base_dir, torch_dtype=dtype)``,
   ``lycoris.kohya.create_network_from_weights(1.0, locon, None, tiny_clip, unet, for_inference=True)``,
   ``network.merge_to(tiny_clip, unet, weights_sd, dtype, "cpu")``, ``save_file(unet.state_dict(), out)``.
@@ -40,9 +41,10 @@ Lyco's baked file is compared tensor by tensor with LyCORIS's (max relative diff
 
 Timing: every contender runs ``--rounds`` times (default 2), each time in a fresh child process (this script
 with ``--only NAME``), the contenders taking turns and the order rotating every round; the table shows the
-minimum. Input files are read once before the first round, so every run sees a warm page cache. Time is the
-op's wall clock, after Python and library imports. Peak MB = peak RSS (psutil, sampled every 5 ms in a thread;
-RSS counts mmap-ed file pages while they are mapped) minus the RSS just before the op, max over rounds.
+minimum. Input files are read once before the first round, so every run sees a warm page cache. Time is the op's
+wall clock, after Python and library imports; before each child the parent calls ``sync`` (untimed), so no
+contender pays for the write-back of an earlier one's output. Peak MB = peak RSS (psutil, sampled every 5 ms in a
+thread; RSS counts mmap-ed file pages while they are mapped) minus the RSS just before the op, max over rounds.
 
 Usage::
 
@@ -874,6 +876,7 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(args.rounds):
             k = rnd % len(names)
             for name in names[k:] + names[:k]:
+                os.sync()  # untimed: no contender pays for an earlier one's pending write-back
                 t0 = time.perf_counter()
                 r = run_child(name, args, errors=rnd == 0)
                 summary = f"{r.t_min:.1f}s, peak {r.peak_mb:,.0f} MB" if r.status == "ok" else r.reason

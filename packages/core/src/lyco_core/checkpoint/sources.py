@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..buffers import BufferPool
 from ..errors import CorruptFileError, NotFoundError, UnknownFormatError
 from ..formats.safetensors_io import TensorReader, read_header
 
@@ -41,7 +42,13 @@ class TensorSource(Protocol):
 
     def dtype(self, name: str) -> torch.dtype: ...
 
-    def get(self, name: str) -> torch.Tensor: ...
+    def get(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
+        """The tensor as a fresh CPU tensor (its own memory, taken from ``pool`` when given)."""
+        ...
+
+    def view(self, name: str) -> torch.Tensor:
+        """The tensor without a copy where the file allows it (a memory map); the caller must never write to it."""
+        ...
 
     def close(self) -> None: ...
 
@@ -66,8 +73,11 @@ class SafetensorsSource:
             raise UnknownFormatError(f"{self.path}: tensor {name!r} has dtype {st}, which Lyco cannot bake")
         return TORCH_DTYPES[st]
 
-    def get(self, name: str) -> torch.Tensor:
-        return self._reader.get(name)
+    def get(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
+        return self._reader.get(name, pool)
+
+    def view(self, name: str) -> torch.Tensor:
+        return self._reader.view(name)
 
     def close(self) -> None:
         self._reader.close()
@@ -97,8 +107,15 @@ class TorchSource:
     def dtype(self, name: str) -> torch.dtype:
         return self._sd[name].dtype
 
-    def get(self, name: str) -> torch.Tensor:
-        return self._sd[name].clone()
+    def get(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
+        t = self._sd[name]
+        if pool is None:
+            return t.clone()
+        raw = pool.take(t.numel() * t.element_size())
+        return raw.view(t.dtype).reshape(t.shape).copy_(t)
+
+    def view(self, name: str) -> torch.Tensor:
+        return self._sd[name]  # loaded with mmap=True: already a map of the file
 
     def close(self) -> None:
         self._sd = {}

@@ -20,10 +20,12 @@ import contextlib
 import hashlib
 import json
 import math
+import mmap
 import os
 import secrets
 import shutil
 import struct
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +36,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as _st_save
 from safetensors.torch import save_file as _st_save_file
 
+from ..buffers import BufferPool
 from ..errors import CorruptFileError, FileExistsLycoError, InvalidConfigError, NotFoundError, UnknownFormatError
+from .direct_io import SequentialWriter
 
 PathLike = str | os.PathLike[str]
 
@@ -588,13 +592,14 @@ class TensorReader:
         except KeyError:
             raise NotFoundError(f"{_show(self.path)}: no tensor {name!r}") from None
 
-    def get(self, name: str) -> torch.Tensor:
-        """The tensor ``name`` as a fresh CPU tensor (its own memory)."""
+    def get(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
+        """The tensor ``name`` as a fresh CPU tensor (its own memory, taken from ``pool`` when given)."""
         e = self.entry(name)
         dtype = TORCH_DTYPES.get(e.dtype)
         if dtype is None:
             raise UnknownFormatError(f"{_show(self.path)}: tensor {name!r}: dtype {e.dtype} is not supported here")
-        raw = torch.empty(e.nbytes, dtype=torch.uint8)  # not zero-filled, unlike a bytearray
+        # not zero-filled, unlike a bytearray
+        raw = pool.take(e.nbytes) if pool is not None else torch.empty(e.nbytes, dtype=torch.uint8)
         view = memoryview(raw.numpy()).cast("B")  # type: ignore[arg-type]  # numpy arrays are buffers
         pos, start = 0, self.header.data_offset + e.offsets[0]
         while pos < e.nbytes:
@@ -603,6 +608,32 @@ class TensorReader:
                 raise CorruptFileError(f"{_show(self.path)}: tensor {name!r}: file ends early")
             pos += n
         t = raw.view(dtype).reshape(e.shape)
+        if self.check_finite:
+            _check_finite(t, name, _show(self.path))
+        return t
+
+    def view(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` on a read-only memory map of its bytes in the file: no copy, never to be written.
+
+        Only the tensor's own pages are mapped (all at once, where the platform can) and they are unmapped when
+        the tensor is freed, so resident memory counts just the tensors held. Falls back to :meth:`get` where a
+        map cannot serve (no ``mmap`` flags on this platform, an offset the dtype cannot view).
+        """
+        e = self.entry(name)
+        dtype = TORCH_DTYPES.get(e.dtype)
+        start = self.header.data_offset + e.offsets[0]
+        item = torch.empty((), dtype=dtype).element_size() if dtype is not None else 1
+        if dtype is None or e.nbytes == 0 or start % item or not hasattr(mmap, "MAP_SHARED"):
+            return self.get(name)
+        if os.fstat(self._fd).st_size < start + e.nbytes:  # a map past the end would crash on access (SIGBUS)
+            raise CorruptFileError(f"{_show(self.path)}: tensor {name!r}: file ends early")
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        mm = mmap.mmap(self._fd, start - base + e.nbytes, flags=flags, prot=mmap.PROT_READ, offset=base)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "not writable": this tensor is only ever read
+            raw = torch.frombuffer(mm, dtype=torch.uint8, count=e.nbytes, offset=start - base)
+        t = raw.view(dtype).reshape(e.shape)  # the tensor holds the map open until it is freed
         if self.check_finite:
             _check_finite(t, name, _show(self.path))
         return t
@@ -625,6 +656,9 @@ class TensorReader:
 
 class StreamWriter:
     """Writes a safetensors file one tensor at a time, to a path given by :func:`atomic_output`.
+
+    Bytes go to the device through a :class:`~lyco_core.formats.direct_io.SequentialWriter` (direct I/O where the
+    filesystem allows it), not through the page cache.
 
     Every tensor's name, dtype and shape is declared up front (the header comes first in the format); then
     :meth:`write` is called once per tensor in the declared order. :meth:`finish` checks that all were written.
@@ -649,7 +683,7 @@ class StreamWriter:
         head = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
         head += b" " * (-len(head) % 8)
         self.path = Path(path)
-        self._f = self.path.open("wb")
+        self._f = SequentialWriter(self.path)
         self._f.write(struct.pack("<Q", len(head)) + head)
         self._next = 0
 
@@ -671,7 +705,7 @@ class StreamWriter:
         self._f.close()
 
     def abort(self) -> None:
-        self._f.close()
+        self._f.abort()
 
 
 __all__ = [

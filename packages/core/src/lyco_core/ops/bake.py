@@ -1,8 +1,9 @@
 """Bake: a base model with adapters merged into its weights, in the base's own layout, naming and dtype.
 
 The base is streamed: each output file is written tensor by tensor in the input's order (header first, see
-:class:`~lyco_core.formats.safetensors_io.StreamWriter`), reading one tensor (or one layer's weight + bias) at a
-time with plain reads, so peak memory stays near the largest layer however big the model is.
+:class:`~lyco_core.formats.safetensors_io.StreamWriter`, which writes with direct I/O where it can), opening one
+tensor (or one layer's weight + bias) at a time as a memory map of the input, so peak memory stays near a few
+layers however big the model is.
 
 Several adapters are applied in the order given, each to the weight the previous one produced — the same result
 as stacking them at run time (for additive algorithms the order does not matter). Each layer is merged in float32
@@ -12,16 +13,19 @@ the base tensor's dtype.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..buffers import BufferPool
 from ..checkpoint import BaseCheckpoint, Target, TensorSource, open_base
 from ..errors import FileExistsLycoError, IncompatibleBaseError, InvalidConfigError
 from ..files import AdapterFile, ModuleTensors, read_adapter
@@ -88,12 +92,16 @@ def plan_bake(
     return groups, report
 
 
-#: Rows of a weight merged at a time on the fast path: about this many float32 values, so the block stays in cache.
-_BLOCK_VALUES = 1 << 18
+#: Rows of a weight merged at a time on the fast path: about this many float32 values (4 MiB), so the block stays in
+#: cache while it is read, updated and written back.
+_BLOCK_VALUES = 1 << 20
+
+#: ``[(U, D, μ)]``: the plain low-rank steps of a group, ΔW = Σ μ·U·D (U (O, r) with the α/r scale, D (r, I·∏k)).
+LowRankSteps = list[tuple[torch.Tensor, torch.Tensor, float]]
 
 
-def _low_rank_steps(group: _Group) -> list[tuple[torch.Tensor, torch.Tensor, float]] | None:
-    """``[(U, D, μ)]`` when every step of the group is a plain LoRA/LoCon on one unsliced weight, else None."""
+def _low_rank_steps(group: _Group) -> LowRankSteps | None:
+    """The group's steps when every one is a plain LoRA/LoCon on one unsliced weight, else None."""
     if any(t.rows is not None or t.weight != group.steps[0][0].weight for t, _, _ in group.steps):
         return None
     out = []
@@ -106,34 +114,45 @@ def _low_rank_steps(group: _Group) -> list[tuple[torch.Tensor, torch.Tensor, flo
     return out
 
 
-def _merge_rows(weight: torch.Tensor, steps: list[tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
-    """W + Σ μ·U·D computed in float32 a block of rows at a time and returned in W's dtype.
+def _merge_rows(weight: torch.Tensor, steps: LowRankSteps, scratch: torch.Tensor, out: torch.Tensor) -> None:
+    """``out`` = W + Σ μ·U·D, computed in float32 a block of rows at a time and stored in W's dtype.
 
-    The same numbers as building ΔW whole, without a full-size float32 copy of W or ΔW: each block is read,
-    updated with ``addmm_`` and written back while it is in cache.
+    The same numbers as building ΔW whole, without a full-size float32 copy of W or ΔW: each block of ``weight``
+    ((O, I·∏k), may be a read-only memory map) is copied into ``scratch`` (float32, at least :data:`_BLOCK_VALUES`
+    and one row long), updated with ``addmm_`` and stored into ``out`` (same shape, W's dtype) while in cache.
     """
-    flat = weight.reshape(weight.shape[0], -1)
-    out = torch.empty_like(flat)
-    rows = max(1, _BLOCK_VALUES // max(1, flat.shape[1]))
-    for i in range(0, flat.shape[0], rows):
-        block = flat[i : i + rows].to(torch.float32, copy=True)
+    cols = weight.shape[1]
+    rows = max(1, _BLOCK_VALUES // max(1, cols))
+    for i in range(0, weight.shape[0], rows):
+        n = min(rows, weight.shape[0] - i)
+        block = scratch[: n * cols].view(n, cols)
+        block.copy_(weight[i : i + n])
         for up, down, mult in steps:
-            block.addmm_(up[i : i + rows], down, alpha=mult)
-        out[i : i + rows] = block
-    return out.reshape(weight.shape)
+            block.addmm_(up[i : i + n], down, alpha=mult)
+        out[i : i + n].copy_(block)
 
 
-def _run_group(group: _Group, read: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+def _run_group(
+    group: _Group,
+    read: Callable[[str], torch.Tensor],
+    fast: LowRankSteps | None,
+    pool: BufferPool,
+    scratch: torch.Tensor,
+) -> dict[str, torch.Tensor]:
     """Merge every step of a group; returns the new tensors in the base's dtypes.
 
-    Plain LoRA/LoCon steps take the row-block fast path (:func:`_merge_rows`); everything else goes through
-    :meth:`ModuleTensors.merge`, the exact rule of its algorithm, on float32 copies.
+    Plain LoRA/LoCon steps (``fast``) take the row-block path (:func:`_merge_rows`) from the tensor as read (a
+    memory map) into a buffer from ``pool``. Everything else goes through :meth:`ModuleTensors.merge`, the exact
+    rule of its algorithm, on float32 copies of tensors ``read`` as private copies from ``pool``, which go back to
+    it once nothing returned shares their memory.
     """
     original = {n: read(n) for n in group.tensors}
-    fast = _low_rank_steps(group)
     if fast is not None:
         name = group.steps[0][0].weight
-        return {**original, name: _merge_rows(original[name], fast)}
+        w = original[name]
+        out = pool.take(w.numel() * w.element_size()).view(w.dtype).view(w.shape)
+        _merge_rows(w.reshape(w.shape[0], -1), fast, scratch, out.view(w.shape[0], -1))
+        return {**original, name: out}
     work = {n: t.float() for n, t in original.items()}
     for target, module, mult in group.steps:
         w = work[target.weight]
@@ -153,18 +172,26 @@ def _run_group(group: _Group, read: Callable[[str], torch.Tensor]) -> dict[str, 
                 raise IncompatibleBaseError(
                     f"{module.key}: the adapter changes the bias of {target.weight}, but the base layer has no bias"
                 )
-    return {n: work[n].to(original[n].dtype) for n in group.tensors}
+    result = {n: work[n].to(original[n].dtype) for n in group.tensors}
+    kept = {t.untyped_storage().data_ptr() for t in result.values()}
+    for t in original.values():
+        if t.untyped_storage().data_ptr() not in kept:
+            pool.give(t)
+    return result
 
 
 class _ReadAhead:
-    """Reads a source's tensors in file order on a background thread, a few tensors ahead of the consumer.
+    """Opens a source's tensors in file order on a background thread, a few tensors ahead of the consumer.
 
-    Reading (``pread``) and writing release the GIL, as do torch's kernels, so disk and page-cache copies overlap
-    the merge arithmetic. Tensors asked for out of order (a fused group's partner) are read directly.
+    Most tensors are memory maps of the file (no copy; the thread pays for mapping their pages); the names in
+    ``private`` are read into buffers from ``pool`` instead, because the merge rule works on them in place.
+    Tensors asked for out of order (a fused group's partner) are opened directly.
     """
 
-    def __init__(self, src: TensorSource, depth: int = 4) -> None:
+    def __init__(self, src: TensorSource, pool: BufferPool, private: set[str], depth: int = 4) -> None:
         self._src = src
+        self._buffers = pool
+        self._private = private
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lyco-read")
         self._order = list(src.names)
         self._next = 0
@@ -172,19 +199,22 @@ class _ReadAhead:
         self._taken: set[str] = set()  # read out of order: never queue them again
         self._depth = depth
 
+    def _open(self, name: str) -> torch.Tensor:
+        return self._src.get(name, self._buffers) if name in self._private else self._src.view(name)
+
     def _fill(self) -> None:
         while len(self._pending) < self._depth and self._next < len(self._order):
             name = self._order[self._next]
             self._next += 1
             if name not in self._taken:
-                self._pending[name] = self._pool.submit(self._src.get, name)
+                self._pending[name] = self._pool.submit(self._open, name)
 
     def get(self, name: str) -> torch.Tensor:
         self._fill()
         future = self._pending.pop(name, None)
         if future is None:
             self._taken.add(name)
-            t = self._src.get(name)
+            t = self._open(name)
         else:
             t = future.result()
         self._fill()
@@ -192,6 +222,22 @@ class _ReadAhead:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _leave_a_core() -> Iterator[None]:
+    """Inside the block torch runs its math on one thread fewer than it would (at least one).
+
+    A bake's read, write and device threads need a core too: an OpenMP team spanning every core waits for a
+    descheduled member at each of its barriers, several per block of rows (on 2 cores the SD 1.5 UNet bake took
+    1.9 s with both cores in the team and 1.6 s with one, read and write threads otherwise the same).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, before - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _stream_file(
@@ -204,33 +250,47 @@ def _stream_file(
 ) -> None:
     """Write source ``index`` of ``base`` to ``out`` with the groups merged, in the source's order and dtypes.
 
-    Reads run ahead on one thread and writes trail on another (bounded queues), so at most a handful of tensors
-    are held at a time.
+    Tensors are opened ahead on one thread, copied out on another and written to the device on a third (bounded
+    queues), so at most a handful are held at a time; merged tensors' memory is recycled through a
+    :class:`~lyco_core.buffers.BufferPool`.
     """
     src = base.sources[index]
     layout = [(n, src.dtype(n), src.shape(n)) for n in src.names]
+    mine = {id(g): g for k, g in groups.items() if k.startswith(f"{index}:")}
+    fast = {i: _low_rank_steps(g) for i, g in mine.items()}
+    private = {n for i, g in mine.items() if fast[i] is None for n in g.tensors}
+    width = max([math.prod(src.shape(g.steps[0][0].weight)[1:]) for g in mine.values()], default=1)
+    scratch = torch.empty(max(_BLOCK_VALUES, width), dtype=torch.float32)
+    pool = BufferPool()
     writer = StreamWriter(out, layout, metadata)
-    reader = _ReadAhead(src)
+    reader = _ReadAhead(src, pool, private)
+
+    def write(name: str, tensor: torch.Tensor) -> None:
+        writer.write(name, tensor)
+        pool.give(tensor)
+
     writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lyco-write")
     queued: list[Future[None]] = []
     cache: dict[str, torch.Tensor] = {}
     try:
-        for name in src.names:
-            group = groups.get(f"{index}:{name}")
-            if group is None:
-                tensor = cache.pop(name, None)
-                tensor = reader.get(name) if tensor is None else tensor
-            else:
-                if name not in cache:
-                    cache.update(_run_group(group, lambda n: cache.pop(n) if n in cache else reader.get(n)))
-                    for step in group.steps:
-                        tick(step[0].key)
-                tensor = cache.pop(name)
-            queued.append(writes.submit(writer.write, name, tensor))
-            if len(queued) > 4:  # bound the tensors waiting to be written
-                queued.pop(0).result()
-        for f in queued:
-            f.result()
+        with _leave_a_core():
+            for name in src.names:
+                group = groups.get(f"{index}:{name}")
+                if group is None:
+                    tensor = cache.pop(name, None)
+                    tensor = reader.get(name) if tensor is None else tensor
+                else:
+                    if name not in cache:
+                        read = lambda n: cache.pop(n) if n in cache else reader.get(n)  # noqa: E731
+                        cache.update(_run_group(group, read, fast[id(group)], pool, scratch))
+                        for step in group.steps:
+                            tick(step[0].key)
+                    tensor = cache.pop(name)
+                queued.append(writes.submit(write, name, tensor))
+                if len(queued) > 4:  # bound the tensors waiting to be written
+                    queued.pop(0).result()
+            for f in queued:
+                f.result()
         writer.finish()
     except BaseException:
         writes.shutdown(wait=True, cancel_futures=True)
