@@ -13,12 +13,11 @@ the base tensor's dtype.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,22 +223,6 @@ class _ReadAhead:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-@contextlib.contextmanager
-def _leave_a_core() -> Iterator[None]:
-    """Inside the block torch runs its math on one thread fewer than it would (at least one).
-
-    A bake's read, write and device threads need a core too: an OpenMP team spanning every core waits for a
-    descheduled member at each of its barriers, several per block of rows (on 2 cores the SD 1.5 UNet bake took
-    1.9 s with both cores in the team and 1.6 s with one, read and write threads otherwise the same).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, before - 1))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _stream_file(
     base: BaseCheckpoint,
     index: int,
@@ -269,28 +252,29 @@ def _stream_file(
         writer.write(name, tensor)
         pool.give(tensor)
 
+    cache: dict[str, torch.Tensor] = {}  # tensors read (or merged) before their turn to be written
+
+    def take(name: str) -> torch.Tensor:
+        return cache.pop(name) if name in cache else reader.get(name)
+
     writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lyco-write")
     queued: list[Future[None]] = []
-    cache: dict[str, torch.Tensor] = {}
     try:
-        with _leave_a_core():
-            for name in src.names:
-                group = groups.get(f"{index}:{name}")
-                if group is None:
-                    tensor = cache.pop(name, None)
-                    tensor = reader.get(name) if tensor is None else tensor
-                else:
-                    if name not in cache:
-                        read = lambda n: cache.pop(n) if n in cache else reader.get(n)  # noqa: E731
-                        cache.update(_run_group(group, read, fast[id(group)], pool, scratch))
-                        for step in group.steps:
-                            tick(step[0].key)
-                    tensor = cache.pop(name)
-                queued.append(writes.submit(write, name, tensor))
-                if len(queued) > 4:  # bound the tensors waiting to be written
-                    queued.pop(0).result()
-            for f in queued:
-                f.result()
+        for name in src.names:
+            group = groups.get(f"{index}:{name}")
+            if group is None:
+                tensor = take(name)
+            else:
+                if name not in cache:
+                    cache.update(_run_group(group, take, fast[id(group)], pool, scratch))
+                    for step in group.steps:
+                        tick(step[0].key)
+                tensor = cache.pop(name)
+            queued.append(writes.submit(write, name, tensor))
+            if len(queued) > 4:  # bound the tensors waiting to be written
+                queued.pop(0).result()
+        for f in queued:
+            f.result()
         writer.finish()
     except BaseException:
         writes.shutdown(wait=True, cancel_futures=True)
