@@ -19,30 +19,14 @@ from typing import Any
 import pytest
 import redis
 import torch
-from PIL import Image, ImageDraw
+from shapes_dataset import write_dataset
 from sqlalchemy import select
 
 from lyco_api.db import Job, JobEvent, StoredFile, session_scope
 from lyco_api.jobs import create_job, transition
 
-SHAPES = {"circle": (220, 40, 40), "square": (40, 60, 220)}
-
 
 # --------------------------------------------------------------------------------------------- fixtures
-def write_dataset(root: Path, n: int = 3, size: int = 32) -> Path:
-    for shape, color in SHAPES.items():
-        folder = root / "shapes" / shape
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            im = Image.new("RGB", (size, size), (240 - 30 * i, 240, 230))
-            d = ImageDraw.Draw(im)
-            box = (4 + i, 4 + i, size - 6 + i, size - 6 + i)
-            (d.ellipse if shape == "circle" else d.rectangle)(box, fill=color)
-            im.save(folder / f"{shape}_{i}.png")
-            (folder / f"{shape}_{i}.txt").write_text(f"{shape}, shape")
-    return root
-
-
 @pytest.fixture(scope="module")
 def models(service: Any) -> Path:
     """The tiny SD1 pipeline and a dataset in the server's models folder."""
@@ -51,7 +35,7 @@ def models(service: Any) -> Path:
     root = Path(service.settings.models_dir)
     root.mkdir(parents=True, exist_ok=True)
     write_tiny_pipeline(root / "tiny-sd1", "sd1")
-    write_dataset(root / "shapes-data")
+    write_dataset(root / "shapes-data", colour_tags=False)
     return root
 
 

@@ -27,25 +27,12 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
+from shapes_dataset import write_dataset
 
 from lyco_api.settings import Settings
 
 ADMIN_KEY = "lyco_0b0b0b0b_" + "B" * 40
-SHAPES = {"circle": (220, 40, 40), "square": (40, 60, 220)}
-
-
-def write_dataset(root: Path, n: int = 3, size: int = 32) -> Path:
-    for shape, color in SHAPES.items():
-        folder = root / "shapes" / shape
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            im = Image.new("RGB", (size, size), (240 - 30 * i, 240, 230))
-            d = ImageDraw.Draw(im)
-            (d.ellipse if shape == "circle" else d.rectangle)((4 + i, 4 + i, size - 6 + i, size - 6 + i), fill=color)
-            im.save(folder / f"{shape}_{i}.png")
-            (folder / f"{shape}_{i}.txt").write_text(f"{shape}, shape")
-    return root
 
 
 def train_body(steps: int, state_every: int) -> dict[str, Any]:
@@ -144,7 +131,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pg_url: str, redis_url: str)
     models = data_dir / "models"
     models.mkdir(parents=True)
     write_tiny_pipeline(models / "tiny-sd1", "sd1")
-    write_dataset(models / "shapes-data")
+    write_dataset(models / "shapes-data", colour_tags=False)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LYCO_")}
     env.update({
         "LYCO_DATABASE_URL": pg_url, "LYCO_BROKER_URL": redis_url, "LYCO_DATA_DIR": str(data_dir),

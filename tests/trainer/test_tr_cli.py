@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from test_tr_loop import tiny_pipeline, write_dataset
+from shapes_dataset import write_dataset
+from test_tr_loop import tiny_pipeline
 
 from lyco_core.cli.main import main
 from lyco_core.formats.safetensors_io import read_header

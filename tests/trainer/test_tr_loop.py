@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from shapes_dataset import write_dataset
 
 import lyco_core as lc
 from lyco_core.formats.safetensors_io import read_header
@@ -21,25 +21,7 @@ from lyco_trainer.data import plan_epoch
 from lyco_trainer.loop import Trainer, plan_run, train
 from lyco_trainer.models import write_tiny_pipeline
 
-SHAPES = {"circle": (220, 40, 40), "square": (40, 60, 220)}
-
-
 # --------------------------------------------------------------------------------------------- helpers
-def write_dataset(root: Path, n: int = 3, size: int = 32) -> Path:
-    """Two concepts (``root/shapes/circle``, ``root/shapes/square``), ``n`` images each, captions with tags."""
-    for shape, color in SHAPES.items():
-        folder = root / "shapes" / shape
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            im = Image.new("RGB", (size, size), (240 - 30 * i, 240, 230))
-            d = ImageDraw.Draw(im)
-            box = (4 + i, 4 + i, size - 6 + i, size - 6 + i)
-            (d.ellipse if shape == "circle" else d.rectangle)(box, fill=color)
-            im.save(folder / f"{shape}_{i}.png")
-            (folder / f"{shape}_{i}.txt").write_text(f"{shape}, {'red' if shape == 'circle' else 'blue'}, shape")
-    return root
-
-
 _PIPES: dict[str, Path] = {}
 
 

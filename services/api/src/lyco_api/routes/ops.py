@@ -416,53 +416,40 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("/inspect", response_model=OpOut, responses=_RESPONSES)
-async def op_inspect(body: InspectBody, request: Request, response: Response, principal: SubmitPrincipal) -> Any:
-    """Everything about an adapter file: algorithms, module counts per component, ranks and alphas, dtypes, base
-    family with evidence, metadata (Lyco / ss_* / modelspec), payload sha256."""
-    return await run_op(request, response, principal, "inspect", body)
+#: Each operation's request body and the description its endpoint shows in the OpenAPI schema.
+OPERATIONS: dict[str, tuple[type[OpBody], str]] = {
+    "inspect": (InspectBody, "Everything about an adapter file: algorithms, module counts per component, ranks and "
+                "alphas, dtypes, base family with evidence, metadata (Lyco / ss_* / modelspec), payload sha256."),
+    "check": (CheckBody, "Does an adapter fit a base model: modules that load, keys with no layer, shape mismatches, "
+              "both families."),
+    "bake": (BakeBody, "A new model (kind ``model``): the base with the adapters merged into its weights, in the "
+             "base's layout."),
+    "merge": (MergeBody, "One adapter whose effect is Σ wᵢ·ΔWᵢ: exact, or re-ranked by SVD with ``rank`` (errors "
+              "reported)."),
+    "rescale": (RescaleBody, "Fold a strength multiplier into the file, or store a new alpha keeping the weight "
+                "change."),
+    "resize": (ResizeBody, "Re-rank every module to a LoRA/LoCon by SVD (fixed rank or a dynamic rule); relative "
+               "errors reported."),
+    "convert": (ConvertBody, "Convert between ecosystems (kohya, PEFT, diffusers, ComfyUI), namings, algorithms and "
+                "bases."),
+    "extract": (ExtractBody, "A LoRA/LoCon approximating the difference of two models (base and tuned)."),
+}
 
 
-@router.post("/check", response_model=OpOut, responses=_RESPONSES)
-async def op_check(body: CheckBody, request: Request, response: Response, principal: SubmitPrincipal) -> Any:
-    """Does an adapter fit a base model: modules that load, keys with no layer, shape mismatches, both families."""
-    return await run_op(request, response, principal, "check", body)
+def _add_operation_route(op: str, body_type: type[OpBody], description: str) -> None:
+    """``POST /ops/<op>``: :func:`run_op` with ``body_type`` as the validated request body."""
+
+    async def endpoint(body: Any, request: Request, response: Response, principal: SubmitPrincipal) -> Any:
+        return await run_op(request, response, principal, op, body)
+
+    endpoint.__annotations__["body"] = body_type  # FastAPI validates (and documents) the body by this annotation
+    endpoint.__name__ = endpoint.__qualname__ = f"op_{op}"  # the OpenAPI operationId, as clients know it
+    endpoint.__doc__ = description
+    router.post(f"/{op}", response_model=OpOut, responses=_RESPONSES)(endpoint)
 
 
-@router.post("/bake", response_model=OpOut, responses=_RESPONSES)
-async def op_bake(body: BakeBody, request: Request, response: Response, principal: SubmitPrincipal) -> Any:
-    """A new model (kind ``model``): the base with the adapters merged into its weights, in the base's layout."""
-    return await run_op(request, response, principal, "bake", body)
-
-
-@router.post("/merge", response_model=OpOut, responses=_RESPONSES)
-async def op_merge(body: MergeBody, request: Request, response: Response, principal: SubmitPrincipal) -> Any:
-    """One adapter whose effect is Σ wᵢ·ΔWᵢ: exact, or re-ranked by SVD with ``rank`` (errors reported)."""
-    return await run_op(request, response, principal, "merge", body)
-
-
-@router.post("/rescale", response_model=OpOut, responses=_RESPONSES)
-async def op_rescale(body: RescaleBody, request: Request, response: Response, principal: SubmitPrincipal) -> Any:
-    """Fold a strength multiplier into the file, or store a new alpha keeping the weight change."""
-    return await run_op(request, response, principal, "rescale", body)
-
-
-@router.post("/resize", response_model=OpOut, responses=_RESPONSES)
-async def op_resize(body: ResizeBody, request: Request, response: Response, principal: SubmitPrincipal) -> Any:
-    """Re-rank every module to a LoRA/LoCon by SVD (fixed rank or a dynamic rule); relative errors reported."""
-    return await run_op(request, response, principal, "resize", body)
-
-
-@router.post("/convert", response_model=OpOut, responses=_RESPONSES)
-async def op_convert(body: ConvertBody, request: Request, response: Response, principal: SubmitPrincipal) -> Any:
-    """Convert between ecosystems (kohya, PEFT, diffusers, ComfyUI), namings, algorithms and bases."""
-    return await run_op(request, response, principal, "convert", body)
-
-
-@router.post("/extract", response_model=OpOut, responses=_RESPONSES)
-async def op_extract(body: ExtractBody, request: Request, response: Response, principal: SubmitPrincipal) -> Any:
-    """A LoRA/LoCon approximating the difference of two models (base and tuned)."""
-    return await run_op(request, response, principal, "extract", body)
+for _op, (_body, _description) in OPERATIONS.items():
+    _add_operation_route(_op, _body, _description)
 
 
 @router.get("/jobs/{job_id}", response_model=OpOut, responses={404: {"description": "no such op job of yours"}})
