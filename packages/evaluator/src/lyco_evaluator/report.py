@@ -21,7 +21,7 @@ import json
 import math
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -458,48 +458,55 @@ def _pt_order(pt: str) -> int:
     return PROMPT_TYPE_ORDER.index(pt) if pt in PROMPT_TYPE_ORDER else len(PROMPT_TYPE_ORDER)
 
 
-def _metric_table_html(aggs: Sequence[AggregateRow], group: str, ids: Sequence[str]) -> str:
-    """Raw means ± stderr (and the mean rank score) per checkpoint × column at ``group``."""
-    sel = [a for a in aggs if a.group == group and a.level != "class"]
-    cols = _columns(sel)
-    index = {(a.checkpoint, a.metric, a.prompt_type): a for a in sel}
+def _checkpoint_table_html(
+    ids: Sequence[str],
+    cols: Sequence[tuple[str, str]],
+    cell: Callable[[str, str, str], str | None],
+    arrows: bool = False,
+) -> str:
+    """A row per checkpoint, a column per (metric, prompt type); ``cell(checkpoint, metric, prompt_type)`` gives a
+    cell's HTML (None: "–"). ``arrows``: mark each column ↑ or ↓ (which way is better)."""
     out = ["<table><tr><th class=l>checkpoint</th>"]
     for m, p in cols:
-        arrow = "↑" if higher_is_better(m, p) else "↓"
-        out.append(f"<th>{_e(column_label(m, p))} {arrow}</th>")
+        arrow = (" ↑" if higher_is_better(m, p) else " ↓") if arrows else ""
+        out.append(f"<th>{_e(column_label(m, p))}{arrow}</th>")
     out.append("</tr>")
     for ck in ids:
         out.append(f"<tr><td class=l>{_e(ck)}</td>")
         for m, p in cols:
-            a = index.get((ck, m, p))
-            if a is None:
-                out.append("<td>–</td>")
-                continue
-            rank = f" <span class=muted>[{_num(a.rank_mean, 2)}]</span>" if a.rank_mean is not None else ""
-            out.append(f"<td>{_num(a.mean, 4)} ± {_num(a.stderr, 4)}{rank}</td>")
+            html = cell(ck, m, p)
+            out.append(f"<td>{'–' if html is None else html}</td>")
         out.append("</tr>")
     out.append("</table>")
     return "".join(out)
+
+
+def _rank_html(rank: float | None) -> str:
+    return f" <span class=muted>[{_num(rank, 2)}]</span>" if rank is not None else ""
+
+
+def _metric_table_html(aggs: Sequence[AggregateRow], group: str, ids: Sequence[str]) -> str:
+    """Raw means ± stderr (and the mean rank score) per checkpoint × column at ``group``."""
+    sel = [a for a in aggs if a.group == group and a.level != "class"]
+    index = {(a.checkpoint, a.metric, a.prompt_type): a for a in sel}
+
+    def cell(ck: str, m: str, p: str) -> str | None:
+        a = index.get((ck, m, p))
+        return None if a is None else f"{_num(a.mean, 4)} ± {_num(a.stderr, 4)}{_rank_html(a.rank_mean)}"
+
+    return _checkpoint_table_html(ids, _columns(sel), cell, arrows=True)
 
 
 def _concept_table_html(rows: Sequence[MetricRow], concept: str, ids: Sequence[str]) -> str:
+    """Each metric's value (and rank score) per checkpoint × column for one concept."""
     sel = [r for r in rows if r.concept == concept]
-    cols = _sort_columns({(r.metric, r.prompt_type) for r in sel})
     index = {(r.checkpoint, r.metric, r.prompt_type): r for r in sel}
-    out = ["<table><tr><th class=l>checkpoint</th>"]
-    out += [f"<th>{_e(column_label(m, p))}</th>" for m, p in cols] + ["</tr>"]
-    for ck in ids:
-        out.append(f"<tr><td class=l>{_e(ck)}</td>")
-        for m, p in cols:
-            r = index.get((ck, m, p))
-            if r is None:
-                out.append("<td>–</td>")
-                continue
-            rank = f" <span class=muted>[{_num(r.rank, 2)}]</span>" if r.rank is not None else ""
-            out.append(f"<td>{_num(r.value, 4)}{rank}</td>")
-        out.append("</tr>")
-    out.append("</table>")
-    return "".join(out)
+
+    def cell(ck: str, m: str, p: str) -> str | None:
+        r = index.get((ck, m, p))
+        return None if r is None else f"{_num(r.value, 4)}{_rank_html(r.rank)}"
+
+    return _checkpoint_table_html(ids, _sort_columns({(r.metric, r.prompt_type) for r in sel}), cell)
 
 
 def metric_info_order() -> tuple[str, ...]:
