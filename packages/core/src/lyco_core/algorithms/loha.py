@@ -266,7 +266,7 @@ class LoHa(Algorithm):
             up, down = loha_lowrank_factors(t[W1A].to(x.dtype), t[W1B].to(x.dtype), t[W2A].to(x.dtype),
                                             t[W2B].to(x.dtype))
             down = down.reshape(down.shape[0], layer.in_features, *layer.kernel_size)
-            return base_out + lora_bypass(x, down, up, None, scale, layer, hidden_hook)
+            return lora_bypass(x, down, up, None, scale, layer, hidden_hook, base_out)
         c = layer.forward(x, self._delta(t, layer, scale, x.dtype))
         return base_out + (c if hidden_hook is None else hidden_hook(c))
 

@@ -67,11 +67,13 @@ def lora_bypass(
     scale: float,
     layer: LayerInfo,
     hidden_hook: HiddenHook | None = None,
+    base_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """scale·up(mid(down(x))) computed through the factors, never building ΔW.
+    """scale·up(mid(down(x))) computed through the factors, never building ΔW; plus ``base_out`` when given.
 
-    ``x``: the layer input ``(N, I, *spatial)`` or ``(…, I)``; returns the adapter's output, same layout
-    as the base layer's output.
+    ``x``: the layer input ``(N, I, *spatial)`` or ``(…, I)``; returns the adapter's output (or ``base_out`` + it),
+    same layout as the base layer's output. The up-projection is one matmul over the flattened positions, with
+    the scale and the addition of ``base_out`` fused into it (no separate passes over the output).
     """
     if layer.kind == "linear":
         h = torch.nn.functional.linear(x, down)
@@ -87,10 +89,29 @@ def lora_bypass(
         h = layer.forward_with(h, mid, groups=1)
     if hidden_hook is not None:
         h = hidden_hook(h)
-    if layer.kind == "linear":
-        return torch.nn.functional.linear(h, flat2d(up) * scale)
-    w_up = up.reshape(up.shape[0], up.shape[1], *([1] * layer.ndim_spatial))
-    return layer.forward_with(h, w_up * scale, pointwise=True)
+    return _up_project(h, flat2d(up), scale, layer, base_out)
+
+
+def _up_project(
+    h: torch.Tensor, up: torch.Tensor, scale: float, layer: LayerInfo, base_out: torch.Tensor | None
+) -> torch.Tensor:
+    """``[base_out +] scale·up·h`` per position: ``h`` ``(…, r)`` (linear) or ``(N, r, *spatial)`` (conv), ``up``
+    ``(O, r)``. A matmul, also for convs: a 1×1 conv from r channels takes torch's unfold-based CPU path. A
+    ``base_out`` of the output's shape is added inside the matmul; one that only broadcasts (a scalar) after it."""
+    o, r = up.shape
+    linear = layer.kind == "linear"
+    shape = (*h.shape[:-1], o) if linear else (h.shape[0], o, *h.shape[2:])
+    if base_out is not None and tuple(base_out.shape) == shape:
+        if linear:
+            return torch.addmm(base_out.reshape(-1, o), h.reshape(-1, r), up.t(), alpha=scale).view(shape)
+        n = h.shape[0]
+        out = torch.baddbmm(base_out.reshape(n, o, -1), up.expand(n, o, r), h.reshape(n, r, -1), alpha=scale)
+        return out.view(shape)
+    if linear:
+        delta = torch.nn.functional.linear(h, up * scale)
+    else:
+        delta = torch.matmul(up * scale, h.reshape(h.shape[0], r, -1)).reshape(shape)
+    return delta if base_out is None else base_out + delta
 
 
 class LoRA(Algorithm):
@@ -144,7 +165,7 @@ class LoRA(Algorithm):
         dtype = x.dtype
         down, up, mid = t[DOWN].to(dtype), t[UP].to(dtype), t.get(MID)
         mid = None if mid is None else mid.to(dtype)
-        return base_out + lora_bypass(x, down, up, mid, multiplier * self.scale(t), layer, hidden_hook)
+        return lora_bypass(x, down, up, mid, multiplier * self.scale(t), layer, hidden_hook, base_out)
 
     def implied_weight_shape(self, t: Tensors) -> tuple[int, ...] | None:
         if DOWN not in t or UP not in t or t[DOWN].ndim < 2:
