@@ -1,6 +1,7 @@
-"""docker-compose.yml: its structure (parsed YAML), `docker compose config` where the plugin exists, and the
-api / cpu-worker ``command:`` lines and health checks run as local processes against the local Redis and PostgreSQL
-(the containers' host names and paths swapped for the local ones; everything else as written)."""
+"""docker-compose.yml: its structure (parsed YAML), the Compose Specification schema, `docker compose config` where
+the plugin exists, and the api / cpu-worker ``command:`` lines and health checks run as local processes against the
+local Redis and PostgreSQL (the containers' host names and paths swapped for the local ones; everything else as
+written)."""
 
 from __future__ import annotations
 
@@ -145,6 +146,34 @@ def test_docker_compose_config_validates() -> None:
         r = subprocess.run([docker, "compose", "-f", str(COMPOSE), *profiles, "config", "--quiet"],
                            capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 0, r.stderr
+
+
+def _check_compose_spec(path: Path) -> subprocess.CompletedProcess[str]:
+    """check-jsonschema against the Compose Specification's JSON schema (vendored by check-jsonschema)."""
+    tool = Path(sys.executable).with_name("check-jsonschema")
+    return subprocess.run([str(tool), "--builtin-schema", "vendor.compose-spec", str(path)],
+                          capture_output=True, text=True)
+
+
+def test_compose_file_matches_the_compose_spec(compose: dict[str, Any], tmp_path: Path) -> None:
+    """The file as written, and as compose sees it after interpolation (defaults; every LYCO_* set), validates
+    against the Compose Specification schema — what `docker compose config` checks first, runnable without
+    Docker. A broken copy (an unknown condition, an unknown service key) fails the same check."""
+    r = _check_compose_spec(COMPOSE)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for env in ({}, {n: "1" for n in COMPOSE_ONLY}):
+        out = tmp_path / f"interpolated-{len(env)}.yml"
+        out.write_text(yaml.safe_dump(interpolate(compose, env)))
+        r = _check_compose_spec(out)
+        assert r.returncode == 0, r.stdout + r.stderr
+    broken = interpolate(compose, {})
+    broken["services"]["api"]["depends_on"] = {"redis": {"condition": "service_ready"}}
+    broken["services"]["cpu-worker"]["restart_policy"] = "always"
+    bad = tmp_path / "broken.yml"
+    bad.write_text(yaml.safe_dump(broken))
+    r = _check_compose_spec(bad)
+    assert r.returncode != 0
+    assert "service_ready" in r.stdout + r.stderr
 
 
 def local_argv(cmd: list[str]) -> list[str]:
