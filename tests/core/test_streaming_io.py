@@ -181,3 +181,17 @@ def test_view_of_a_file_cut_short_after_opening(tmp_path: Path) -> None:
         os.truncate(path, path.stat().st_size - 1000)
         with pytest.raises(CorruptFileError, match=r"m\.safetensors.*'c_big'.*ends early"):
             r.view("c_big")
+
+
+def test_view_reads_when_the_file_cannot_be_mapped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "m.safetensors"
+    tensors = _mixed_file(path)
+    from lyco_core.formats import safetensors_io
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError(19, "No such device")  # ENODEV: what mmap says on a filesystem that cannot map
+
+    monkeypatch.setattr(safetensors_io.mmap, "mmap", refuse)
+    with TensorReader(path) as r:
+        got = r.view("c_big")
+    assert torch.equal(got, tensors["c_big"])

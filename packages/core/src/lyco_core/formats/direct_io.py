@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -120,6 +119,8 @@ class SequentialWriter:
             except OSError as e:
                 if not (self.direct and e.errno == errno.EINVAL):  # an alignment or size the device refuses
                     raise
+                import fcntl  # POSIX only, like O_DIRECT: imported where direct I/O is in use
+
                 fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
                 self.direct = False  # staging goes on; padding past the end is cut by close()
 

@@ -617,7 +617,8 @@ class TensorReader:
 
         Only the tensor's own pages are mapped (all at once, where the platform can) and they are unmapped when
         the tensor is freed, so resident memory counts just the tensors held. Falls back to :meth:`get` where a
-        map cannot serve (no ``mmap`` flags on this platform, an offset the dtype cannot view).
+        map cannot serve (no ``mmap`` flags on this platform, an offset the dtype cannot view, a file that cannot
+        be mapped).
         """
         e = self.entry(name)
         dtype = TORCH_DTYPES.get(e.dtype)
@@ -629,7 +630,10 @@ class TensorReader:
             raise CorruptFileError(f"{_show(self.path)}: tensor {name!r}: file ends early")
         base = start - start % mmap.ALLOCATIONGRANULARITY
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        mm = mmap.mmap(self._fd, start - base + e.nbytes, flags=flags, prot=mmap.PROT_READ, offset=base)
+        try:
+            mm = mmap.mmap(self._fd, start - base + e.nbytes, flags=flags, prot=mmap.PROT_READ, offset=base)
+        except OSError:  # a file or filesystem that cannot be mapped: read it instead
+            return self.get(name)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "not writable": this tensor is only ever read
             raw = torch.frombuffer(mm, dtype=torch.uint8, count=e.nbytes, offset=start - base)
