@@ -53,10 +53,11 @@ class BufferPool:
             if buf is not None:
                 self._idle_bytes -= size
                 self.reused += 1
-        if buf is None:
+        fresh = buf is None
+        if buf is None:  # allocated outside the lock: the other threads need not wait for its pages
             buf = torch.empty(size, dtype=torch.uint8)
-            self.allocated += 1
         with self._lock:
+            self.allocated += int(fresh)
             self._lent[buf.data_ptr()] = buf
         return buf[:nbytes]
 

@@ -623,8 +623,7 @@ class TensorReader:
         e = self.entry(name)
         dtype = TORCH_DTYPES.get(e.dtype)
         start = self.header.data_offset + e.offsets[0]
-        item = torch.empty((), dtype=dtype).element_size() if dtype is not None else 1
-        if dtype is None or e.nbytes == 0 or start % item or not hasattr(mmap, "MAP_SHARED"):
+        if dtype is None or e.nbytes == 0 or start % dtype.itemsize or not hasattr(mmap, "MAP_SHARED"):
             return self.get(name)
         if os.fstat(self._fd).st_size < start + e.nbytes:  # a map past the end would crash on access (SIGBUS)
             raise CorruptFileError(f"{_show(self.path)}: tensor {name!r}: file ends early")

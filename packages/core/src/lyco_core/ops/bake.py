@@ -242,7 +242,7 @@ def _stream_file(
     mine = {id(g): g for k, g in groups.items() if k.startswith(f"{index}:")}
     fast = {i: _low_rank_steps(g) for i, g in mine.items()}
     private = {n for i, g in mine.items() if fast[i] is None for n in g.tensors}
-    width = max([math.prod(src.shape(g.steps[0][0].weight)[1:]) for g in mine.values()], default=1)
+    width = max([math.prod(src.shape(g.steps[0][0].weight)[1:]) for i, g in mine.items() if fast[i]], default=1)
     scratch = torch.empty(max(_BLOCK_VALUES, width), dtype=torch.float32)
     pool = BufferPool()
     writer = StreamWriter(out, layout, metadata)
